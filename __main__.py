@@ -1,0 +1,3 @@
+from torchslim.cli.app import main
+
+main()
