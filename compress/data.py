@@ -1,0 +1,226 @@
+"""Data sets: ``digits`` (built in), an image folder, or a ``.npz``/``.pt`` tensor file.
+
+Everything is loaded into memory as float32 (N, C, H, W) tensors: the target users have
+hundreds to thousands of small images, for which in-memory tensors are simplest and fastest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from .errors import TorchslimError, UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+BUILTIN = ("digits",)
+
+
+@dataclass
+class DataSplit:
+    train: TensorDataset
+    val: TensorDataset
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    name: str
+
+    def describe(self) -> str:
+        c, h, w = self.input_shape
+        return (
+            f"{self.name}: {len(self.train)} train / {len(self.val)} val images, "
+            f"{c}x{h}x{w}, {self.num_classes} classes"
+        )
+
+
+def load_data(
+    spec: str,
+    *,
+    size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    train_limit: int | None = None,
+) -> DataSplit:
+    """Load ``spec`` and split it into stratified, seed-deterministic train/val sets."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    x, y, names, label = _load_raw(spec, size, channels)
+    x = _resize(x, size)
+    x = _to_channels(x, channels)
+    train_idx, val_idx = stratified_split(y, val_fraction, seed)
+    if train_limit is not None:
+        train_idx = _limit_stratified(train_idx, y, train_limit, seed)
+    c, h, w = x.shape[1:]
+    return DataSplit(
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        val=TensorDataset(x[val_idx], y[val_idx]),
+        num_classes=len(names),
+        class_names=names,
+        input_shape=(int(c), int(h), int(w)),
+        name=label,
+    )
+
+
+def _load_raw(spec, size, channels):
+    if spec in BUILTIN:
+        return (*_digits(), "digits")
+    path = Path(spec)
+    if path.is_dir():
+        return (*_image_folder(path, size, channels), path.name)
+    if path.suffix.lower() in (".npz", ".pt", ".pth"):
+        if not path.exists():
+            raise TorchslimError(f"data file not found: {path}; check the path")
+        return (*_tensor_file(path), path.name)
+    if not path.exists():
+        raise TorchslimError(
+            f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}), and no such "
+            "folder or .npz/.pt file"
+        )
+    raise TorchslimError(
+        f"cannot read data from {path}: expected an image folder (one sub-folder per class) "
+        "or a .npz/.pt file holding x and y"
+    )
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return x, y, [str(i) for i in range(10)]
+
+
+def _image_folder(root: Path, size, channels):
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise TorchslimError(
+            f"image folder {root} has no class sub-folders; lay it out as root/CLASS/img.png"
+        )
+    mode = "L" if (channels or 1) == 1 else "RGB"
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode)
+                    if size:
+                        im = im.resize((size[1], size[0]), Image.BILINEAR)
+                    images.append(np.asarray(im, dtype=np.float32) / 255.0)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise TorchslimError(f"cannot read image {f} ({exc}); fix or remove it") from exc
+            labels.append(label)
+    if not images:
+        raise TorchslimError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise TorchslimError(
+            f"images in {root} have different sizes {sorted(shapes)[:3]}; pass --image-size H,W"
+        )
+    x = torch.from_numpy(np.stack(images))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _tensor_file(path: Path):
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+        else:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
+    except KeyError as exc:
+        raise TorchslimError(f"{path} must hold arrays named 'x' and 'y' (missing {exc})") from exc
+    except Exception as exc:  # numpy/torch raise many types for bad files
+        raise TorchslimError(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from exc
+    return _check_tensors(x, y, path)
+
+
+def _check_tensors(x: torch.Tensor, y: torch.Tensor, path: Path):
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise TorchslimError(f"{path}: x must be (N, C, H, W) or (N, H, W), got {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise TorchslimError(f"{path}: y must be (N,) labels matching x, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.min() < 0:
+        raise TorchslimError(f"{path}: y must hold integer class indices 0..C-1")
+    num_classes = int(y.max()) + 1
+    return x.float(), y.long(), [str(i) for i in range(num_classes)]
+
+
+def _resize(x: torch.Tensor, size):
+    if not size or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _to_channels(x: torch.Tensor, channels):
+    if channels is None or x.shape[1] == channels:
+        return x
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1).contiguous()
+    raise UsageError(f"cannot turn {x.shape[1]}-channel images into {channels} channels")
+
+
+def stratified_split(y: torch.Tensor, val_fraction: float, seed: int):
+    """Per class, a seeded shuffle then the first ``val_fraction`` goes to validation."""
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for cls in torch.unique(y):
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def _limit_stratified(idx: torch.Tensor, y: torch.Tensor, limit: int, seed: int):
+    """Keep ``limit`` training images with class proportions preserved (the small-data case)."""
+    if limit >= len(idx):
+        return idx
+    gen = torch.Generator().manual_seed(seed + 1)
+    shuffled = idx[torch.randperm(len(idx), generator=gen)]
+    labels = y[shuffled]
+    per_class = {int(c): 0 for c in torch.unique(labels)}
+    quota = {c: max(1, round(limit * int((labels == c).sum()) / len(idx))) for c in per_class}
+    keep = []
+    for i, c in zip(shuffled.tolist(), labels.tolist(), strict=True):
+        if per_class[c] < quota[c]:
+            keep.append(i)
+            per_class[c] += 1
+    return torch.tensor(sorted(keep), dtype=torch.int64)
+
+
+def check_classes(model_classes: int, data: DataSplit) -> None:
+    if model_classes != data.num_classes:
+        raise TorchslimError(
+            f"model outputs {model_classes} classes but {data.name} has {data.num_classes}; "
+            "use data with the model's classes (or retrain the classifier)"
+        )
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"60,120"`` or ``"60x120"`` -> (60, 120)."""
+    if not text:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"image size must be H,W like 60,120, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise UsageError(f"image size must be positive, got {text!r}")
+    return h, w

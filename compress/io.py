@@ -1,0 +1,362 @@
+"""Model files: load the five kinds users bring, save torchslim's own, write atomically.
+
+torchslim's own ``.pt`` file pickles the whole module (so pruned and swapped shapes survive)
+inside ``{"format": "torchslim", "model": ..., "meta": ...}``; it loads with
+``weights_only=True`` and an allow-list of module classes, so no pickled code runs and no
+``--trust`` is needed. Any other pickle needs ``--trust``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import inspect
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .errors import TorchslimError, UsageError
+
+FORMAT = "torchslim"
+TRUST_ENV = "TORCHSLIM_TRUST"
+TRUST_HINT = (
+    "loading a pickle can run arbitrary code; pass --trust (or set TORCHSLIM_TRUST=1) "
+    "only if you trust the file's source"
+)
+
+
+@dataclass
+class ModelMeta:
+    """What torchslim knows about a model beyond its weights."""
+
+    arch: dict[str, Any] | None = None  # {"name": registry name, "kwargs": {...}}
+    input_shape: tuple[int, ...] | None = None  # (C, H, W), no batch dimension
+    class_names: list[str] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    torchslim_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape) if self.input_shape else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ModelMeta:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        meta = cls(**{k: v for k, v in d.items() if k in known})
+        if meta.input_shape is not None:
+            meta.input_shape = tuple(int(v) for v in meta.input_shape)
+        return meta
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from. ``model`` is None for ONNX files (run by onnxruntime)."""
+
+    model: nn.Module | torch.jit.ScriptModule | None
+    kind: str  # "torchslim" | "pickle" | "torchscript" | "state_dict" | "onnx"
+    path: Path | None
+    meta: ModelMeta
+    file_bytes: int | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "model"
+
+
+def trusted(flag: bool) -> bool:
+    return flag or os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "no")
+
+
+def history_entry(method: str, config: dict, before: dict, after: dict, notes=()) -> dict:
+    """One step of a model's compression history, as stored in its file."""
+    return {
+        "method": method,
+        "config": config,
+        "before": before,
+        "after": after,
+        "notes": list(notes),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- allow-list -----------------------------------------------------------------------
+
+
+def _module_classes(root_modules: Iterable[object]) -> set[type]:
+    found: set[type] = set()
+    for mod in root_modules:
+        for obj in vars(mod).values():
+            if inspect.isclass(obj) and issubclass(obj, nn.Module):
+                found.add(obj)
+    return found
+
+
+def safe_classes() -> list[type]:
+    """Every nn.Module class torch.nn defines, plus every one defined under ``torchslim.``."""
+    torch_mods = [m for n, m in list(sys.modules.items()) if n.startswith("torch.nn.modules")]
+    ours = [m for n, m in list(sys.modules.items()) if n.startswith("torchslim.") and m]
+    classes = _module_classes([nn, *torch_mods])
+    classes |= {c for c in _module_classes(ours) if c.__module__.startswith("torchslim.")}
+    return sorted(classes, key=lambda c: (c.__module__, c.__qualname__))
+
+
+def _import_torchslim_models() -> None:
+    """Import the model families so their classes are on the allow-list."""
+    from ..models import registry
+
+    registry.list_models()
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def _check_readable(path: Path) -> int:
+    if not path.exists():
+        raise TorchslimError(f"model file not found: {path}; check the path")
+    if path.is_dir():
+        raise TorchslimError(f"{path} is a directory, not a model file; pass the file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise TorchslimError(f"model file {path} is empty (0 bytes); re-export the model")
+    return size
+
+
+def load_model(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> LoadedModel:
+    """Load any model file torchslim understands; the error says what to do when it can't."""
+    path = Path(path)
+    size = _check_readable(path)
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path, size)
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        model = torch.jit.load(str(path), map_location="cpu")
+        return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
+    return _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size)
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _load_onnx(path: Path, size: int) -> LoadedModel:
+    import json
+
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise TorchslimError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMeta.from_dict(json.loads(props["torchslim"])) if "torchslim" in props else None
+    return LoadedModel(None, "onnx", path, meta or ModelMeta(), size)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _safe_load(path: Path) -> Any:
+    _import_torchslim_models()
+    with torch.serialization.safe_globals(safe_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size):
+    try:
+        obj = _safe_load(path)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            msg = f"{path} is not a readable PyTorch file ({_first_line(exc)})"
+            raise TorchslimError(msg) from exc
+        if not trusted(trust):
+            raise TorchslimError(f"{path} holds pickled Python objects; {TRUST_HINT}") from exc
+        obj = _trusted_load(path)
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise TorchslimError(
+            f"{path} is corrupt or truncated ({_first_line(exc)}); re-save the model"
+        ) from exc
+    return _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_size)
+
+
+def _trusted_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # arbitrary pickles fail in arbitrary ways
+        raise TorchslimError(f"could not unpickle {path}: {_first_line(exc)}") from exc
+
+
+def _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_size):
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        meta = ModelMeta.from_dict(obj.get("meta"))
+        return LoadedModel(obj["model"].eval(), "torchslim", path, meta, size)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), "pickle", path, ModelMeta(), size)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        model, meta = _from_state_dict(obj, path, trust, arch, num_classes, in_channels, input_size)
+        return LoadedModel(model.eval(), "state_dict", path, meta, size)
+    raise TorchslimError(
+        f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module, its "
+        "state_dict, or a TorchScript/ONNX export"
+    )
+
+
+def _from_state_dict(state, path, trust, arch, num_classes, in_channels, input_size):
+    if not arch:
+        raise TorchslimError(
+            f"{path} is a state_dict (weights only); pass --arch NAME (see `torchslim models`) "
+            "or --arch module:Class to say which architecture it belongs to"
+        )
+    num_classes = num_classes or _infer_classes(state)
+    model, spec = _build_arch(arch, trust, num_classes, in_channels, input_size)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TorchslimError(
+            f"{path} does not fit --arch {arch} ({_first_line(exc)}); check --arch, "
+            "--num-classes, --in-channels and --input-size"
+        ) from exc
+    shape = (in_channels or 1, *input_size) if input_size else None
+    return model, ModelMeta(arch=spec, input_shape=shape)
+
+
+def _infer_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """The last 2-D weight's rows are the class count in every classifier we know."""
+    mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(mats[-1].shape[0]) if mats else None
+
+
+def _build_arch(arch, trust, num_classes, in_channels, input_size):
+    kwargs = {
+        k: v
+        for k, v in {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": tuple(input_size) if input_size else None,
+        }.items()
+        if v is not None
+    }
+    if ":" in arch:
+        if not trusted(trust):
+            raise TorchslimError(f"--arch {arch} imports and runs your code; {TRUST_HINT}")
+        return _import_class(arch)(**kwargs), {"name": arch, "kwargs": kwargs}
+    from ..models.registry import create_model
+
+    return create_model(arch, **kwargs), {"name": arch, "kwargs": kwargs}
+
+
+def _import_class(spec: str) -> type:
+    import importlib
+
+    module_name, _, cls_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot import --arch {spec}: {_first_line(exc)}") from exc
+
+
+def require_module(loaded: LoadedModel, command: str) -> nn.Module:
+    """The eager nn.Module behind a file, or an error naming what this command can't do."""
+    if loaded.kind in ("torchscript", "onnx"):
+        raise TorchslimError(
+            f"`torchslim {command}` cannot transform a {loaded.kind} file ({loaded.path}); "
+            "only `report` measures it. Pass the eager model (pickle, state_dict + --arch, "
+            "or a torchslim .pt) instead"
+        )
+    return loaded.model
+
+
+# --- saving ---------------------------------------------------------------------------
+
+
+def check_output(path: str | Path, *, force: bool = False, inputs: Iterable = ()) -> Path:
+    """Refuse to write over an input, or over an existing file without --force."""
+    path = Path(path)
+    for src in inputs:
+        if src is not None and Path(src).exists() and path.exists() and path.samefile(src):
+            raise TorchslimError(f"output {path} is an input file; choose another -o path")
+    if path.is_dir():
+        raise TorchslimError(f"output {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise TorchslimError(f"output {path} exists; pass --force to replace it")
+    if not path.parent.exists():
+        raise TorchslimError(f"output folder {path.parent} does not exist; create it first")
+    return path
+
+
+def atomic_write(
+    path: str | Path,
+    write: Callable[[Path], None],
+    *,
+    force: bool = False,
+    inputs: Iterable = (),
+) -> Path:
+    """Call ``write(tmp)`` then rename onto ``path``, so a crash never leaves half a file."""
+    path = check_output(path, force=force, inputs=inputs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    meta: ModelMeta,
+    *,
+    force: bool = False,
+    inputs: Iterable = (),
+) -> Path:
+    """Write torchslim's own format; it reloads with :func:`load_model`, no --trust needed."""
+    unsafe = _classes_outside_allow_list(model)
+    if unsafe:
+        raise TorchslimError(
+            f"model uses module classes outside torchslim's safe list ({', '.join(unsafe)}); "
+            "it would need --trust to reload. Save it with torch.save instead"
+        )
+    meta.torchslim_version = __version__
+    payload = {"format": FORMAT, "model": model.eval(), "meta": meta.to_dict()}
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        try:  # prove the promise: what we write reloads without --trust
+            _safe_load(tmp)
+        except pickle.UnpicklingError as exc:
+            raise TorchslimError(
+                f"model holds objects torchslim cannot reload safely ({_first_line(exc)}); "
+                "save it with torch.save and load it with --trust"
+            ) from exc
+
+    return atomic_write(path, write, force=force, inputs=inputs)
+
+
+def _classes_outside_allow_list(model: nn.Module) -> list[str]:
+    _import_torchslim_models()
+    allowed = set(safe_classes())
+    return sorted({type(m).__qualname__ for m in model.modules() if type(m) not in allowed})
