@@ -114,9 +114,7 @@ def safe_classes() -> list[type]:
 
 def _import_torchslim_models() -> None:
     """Import the model families so their classes are on the allow-list."""
-    from ..models import registry
-
-    registry.list_models()
+    from .. import models  # noqa: F401  (importing the package imports every family)
 
 
 # --- loading --------------------------------------------------------------------------
@@ -187,13 +185,15 @@ def _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input
     try:
         obj = _safe_load(path)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            msg = f"{path} is not a readable PyTorch file ({_first_line(exc)})"
+        if "Unsupported global" not in str(exc):  # not a pickled class: a broken file
+            msg = f"{path} is not a readable PyTorch file (not a pickle torch can read)"
             raise TorchslimError(msg) from exc
         if not trusted(trust):
             raise TorchslimError(f"{path} holds pickled Python objects; {TRUST_HINT}") from exc
         obj = _trusted_load(path)
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except (KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        raise TorchslimError(f"{path} is not a readable PyTorch file; re-save the model") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise TorchslimError(
             f"{path} is corrupt or truncated ({_first_line(exc)}); re-save the model"
         ) from exc
@@ -260,7 +260,10 @@ def _build_arch(arch, trust, num_classes, in_channels, input_size):
     if ":" in arch:
         if not trusted(trust):
             raise TorchslimError(f"--arch {arch} imports and runs your code; {TRUST_HINT}")
-        return _import_class(arch)(**kwargs), {"name": arch, "kwargs": kwargs}
+        cls = _import_class(arch)
+        accepted = inspect.signature(cls).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        return cls(**kwargs), {"name": arch, "kwargs": kwargs}
     from ..models.registry import create_model
 
     return create_model(arch, **kwargs), {"name": arch, "kwargs": kwargs}
