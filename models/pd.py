@@ -69,8 +69,9 @@ class PDModel(nn.Module):
         return self.classifier(self.features(x))  # (B, num_classes) logits
 
 
-def conv_bn_act(c_in: int, c_out: int, k: int, stride: int, groups: int = 1,
-                act: nn.Module | None = None) -> nn.Sequential:
+def conv_bn_act(
+    c_in: int, c_out: int, k: int, stride: int, groups: int = 1, act: nn.Module | None = None
+) -> nn.Sequential:
     """Conv (no bias: BN follows) + BN + optional activation, as one Sequential."""
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, groups=groups, bias=False),
@@ -90,8 +91,9 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(conv_bn_act(c_in, hidden, 1, 1, act=nn.LeakyReLU(slope)))
-        layers.append(conv_bn_act(hidden, hidden, 3, stride, groups=hidden,
-                                  act=nn.LeakyReLU(slope)))
+        layers.append(
+            conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=nn.LeakyReLU(slope))
+        )
         # No activation after the projection: the "linear bottleneck" keeps information
         # that a ReLU would destroy in the narrow space.
         layers.append(conv_bn_act(hidden, c_out, 1, 1))
@@ -136,8 +138,9 @@ class PDLightModel(nn.Module):
 
 
 @register_model(default_size=(60, 120), min_size=(16, 16))
-def pd_model(*, num_classes: int, in_channels: int, input_size: Sequence[int],
-             dropout: float = 0.5) -> nn.Module:
+def pd_model(
+    *, num_classes: int, in_channels: int, input_size: Sequence[int], dropout: float = 0.5
+) -> nn.Module:
     """Seed baseline PDModel: 4 conv/pool stages (32-256 ch) + flatten + 3 Linear, ~0.73 M."""
     return PDModel(num_classes, in_channels, input_size, dropout=dropout)
 
@@ -149,8 +152,9 @@ def pd_tiny(*, num_classes: int, in_channels: int, input_size: Sequence[int]) ->
 
 
 @register_model(default_size=(60, 120))
-def pd_light(*, num_classes: int, in_channels: int, input_size: Sequence[int],
-             slope: float = 0.2) -> nn.Module:
+def pd_light(
+    *, num_classes: int, in_channels: int, input_size: Sequence[int], slope: float = 0.2
+) -> nn.Module:
     """Seed PDLightModel: MobileNetV2-style, LeakyReLU(0.2), pooled 256-d feature, ~0.2 M."""
     del input_size  # fully convolutional + global pool: any size >= 1x1 works
     return PDLightModel(num_classes, in_channels, slope=slope)

@@ -145,5 +145,7 @@ def arch_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     full.update(_check_options(name, extra))
     full.update(kwargs)
     full["input_size"] = list(_check_size(e, full["input_size"]))
-    return {"name": name, "kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                     for k, v in full.items()}}
+    return {
+        "name": name,
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()},
+    }
