@@ -1,0 +1,563 @@
+"""Measurement: one record (:class:`Measurement`) that every table, JSON file and plot renders.
+
+Everything here is measured, never estimated: parameters are counted on the tensors, sizes
+come from serialising, MACs from a real forward pass under ``FlopCounterMode`` (plus
+formulas for the CPU kernels it cannot see), latency from ``torch.utils.benchmark``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import TorchslimError
+
+# ONNX metadata key under which an exporter records the MACs of the fp32 graph; int8 graphs
+# keep the MACs of the model they came from (their integer ops are not "fewer MACs").
+MACS_METADATA_KEY = "torchslim.macs"
+# Seconds of timing per batch size: enough for a stable median on a busy 2-core box.
+DEFAULT_MIN_RUN_TIME = 0.5
+WARMUP_CALLS = 3
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    runs: int  # timed calls in total (blocks x calls per block)
+
+
+@dataclass
+class Measurement:
+    """What one model costs. Accuracies are percentages; sizes are bytes."""
+
+    model: str  # display name
+    runtime: str  # "torch" | "torchscript" | "onnxruntime"
+    params: int
+    nonzero_params: int
+    file_bytes: int | None  # the file as given; None for an in-memory model
+    state_dict_bytes: int  # the same weights as a plain fp32 state_dict, serialised
+    compressed_bytes: int | None  # gzip -6 of the file: the honest size of sparse weights
+    macs: int | None  # per sample (batch 1)
+    input_shape: tuple[int, ...]  # one sample, no batch dimension
+    latency_ms_median: float  # batch 1
+    latency_ms_p90: float
+    batch_size: int
+    batch_latency_ms_median: float | None  # whole batch of batch_size
+    batch_latency_ms_p90: float | None
+    threads: int
+    accuracy: float | None  # top-1 % on the data's validation split
+    top5: float | None  # None without data or with five classes or fewer
+    env: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) parameters; a shared parameter counts once.
+
+    Weights pruned with ``torch.nn.utils.prune`` keep a dense ``X_orig`` and a ``X_mask``
+    buffer; their non-zeros are those of ``X_orig * X_mask``, which is what the model uses.
+    """
+    seen: set[int] = set()
+    total = nonzero = 0
+    for module in model.modules():
+        buffers = dict(module.named_buffers(recurse=False))
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            mask = buffers.get(name[: -len("_orig")] + "_mask") if name.endswith("_orig") else None
+            values = p.detach() if mask is None else p.detach() * mask
+            nonzero += int(torch.count_nonzero(values))
+    return total, nonzero
+
+
+def _prod(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+# FlopCounterMode formulas receive shapes for tensors and return FLOPs (2 per MAC).
+def _rnn_layer_flops(inp, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """aten.mkldnn_rnn_layer: one layer, one direction of an LSTM/GRU/RNN on CPU.
+
+    Every step multiplies the layer input by w_ih (gates*hidden, in) and the previous hidden
+    state by w_hh (gates*hidden, hidden): the textbook 4*(in*hid + hid*hid) for an LSTM.
+    """
+    tokens = _prod(inp) // int(w_ih[1])  # time steps x batch
+    return 2 * tokens * (_prod(w_ih) + _prod(w_hh))
+
+
+def _attention_core_flops(batch_heads: int, q_len: int, kv_len: int, qk_dim: int, v_dim: int):
+    return 2 * batch_heads * q_len * kv_len * (qk_dim + v_dim)  # Q K^T, then softmax(.) V
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """aten._scaled_dot_product_flash_attention_for_cpu; shapes (B, H, L, E)."""
+    return _attention_core_flops(_prod(query[:-2]), query[-2], key[-2], query[-1], value[-1])
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w, *args,
+                      out_shape=None, **kwargs) -> int:
+    """aten._native_multi_head_attention: nn.MultiheadAttention's eval fast path."""
+    batch, q_len, kv_len = _prod(query[:-2]), int(query[-2]), int(key[-2])
+    e = int(embed_dim)
+    projections = batch * (q_len + 2 * kv_len) * e * e + batch * q_len * _prod(proj_w)
+    return 2 * projections + _attention_core_flops(batch, q_len, kv_len, e, e)
+
+
+def _encoder_layer_flops(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu,
+                         norm_first, eps, nw1, nb1, nw2, nb2, ffn_w1, ffn_b1, ffn_w2, *args,
+                         out_shape=None, **kwargs) -> int:
+    """aten._transformer_encoder_layer_fwd: nn.TransformerEncoderLayer's eval fast path."""
+    batch, length = _prod(src[:-2]), int(src[-2])
+    weights = _prod(qkv_w) + _prod(proj_w) + _prod(ffn_w1) + _prod(ffn_w2)
+    e = int(embed_dim)
+    return 2 * batch * length * weights + _attention_core_flops(batch, length, length, e, e)
+
+
+_aten = torch.ops.aten
+# Kernels FlopCounterMode (torch 2.13) runs without counting: a plain LSTM on CPU goes to
+# oneDNN, MultiheadAttention / TransformerEncoderLayer in eval take fused fast paths, and
+# scaled_dot_product_attention on CPU has no formula. GRU/RNN and LSTM with proj_size
+# decompose into addmm, which it already counts.
+EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
+    _aten.mkldnn_rnn_layer: _rnn_layer_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    _aten._native_multi_head_attention: _native_mha_flops,
+    _aten._transformer_encoder_layer_fwd: _encoder_layer_flops,
+}
+
+
+def _call(model: Callable, example) -> Any:
+    return model(*example) if isinstance(example, tuple) else model(example)
+
+
+def count_macs(model: nn.Module, example_input) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (a tensor or tuple).
+
+    Counted on a real forward pass under ``FlopCounterMode`` (FLOPs / 2), so convolutions
+    (grouped and depthwise included) and linears agree with it exactly, plus the kernels it
+    misses (see ``EXTRA_FLOP_FORMULAS``). Each op is counted once, where it actually runs.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    with _eval_mode(model), torch.inference_mode(), counter:
+        _call(model, example_input)
+    return counter.get_total_flops() // 2
+
+
+class _eval_mode:
+    """Put a module in eval mode and give every submodule its own training flag back."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, nn.Module) else None
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self):
+        if self.model is not None:
+            self.flags = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def measure_latency(fn: Callable, example_input, *, threads: int,
+                    min_run_time: float = DEFAULT_MIN_RUN_TIME) -> LatencyStats:
+    """Median and p90 wall time of ``fn(example_input)`` in ms, after a warm-up.
+
+    ``torch.utils.benchmark.Timer.blocked_autorange`` times blocks of calls (so timer
+    overhead stays negligible for fast models); median and p90 are over the per-block mean
+    times. Torch's intra-op thread count is set to ``threads`` and restored afterwards. Any
+    callable works, so onnxruntime sessions get the very same statistics.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(WARMUP_CALLS):
+                fn(example_input)
+            timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": example_input},
+                                    num_threads=threads)
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+    finally:
+        torch.set_num_threads(previous)
+    times_ms = np.asarray(m.times) * 1e3
+    return LatencyStats(median_ms=float(np.median(times_ms)),
+                        p90_ms=float(np.percentile(times_ms, 90)),
+                        runs=len(m.times) * m.number_per_run)
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None = None) -> dict[str, Any]:
+    """What a latency figure depends on: library versions, threads and the CPU."""
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def accuracy(fn: Callable, dataset, batch_size: int = 256) -> tuple[float, float | None]:
+    """Top-1 and top-5 % of ``fn`` on a TensorDataset (top-5 None for <= 5 classes)."""
+    from .train import evaluate  # one evaluation loop for training and measuring
+
+    return evaluate(fn, dataset, batch_size)
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+def state_dict_bytes(state: dict[str, Any]) -> int:
+    """Bytes of ``torch.save`` of the state as fp32 (integer buffers stay as they are)."""
+    plain = {k: _as_fp32(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    buf = io.BytesIO()
+    torch.save(plain, buf)
+    return buf.tell()
+
+
+def _as_fp32(t: torch.Tensor) -> torch.Tensor:
+    if t.is_quantized:
+        return t.dequantize()
+    return t.detach().float() if t.is_floating_point() else t.detach()
+
+
+def gzip_bytes(path: Path) -> int:
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=6))
+
+
+# ---------------------------------------------------------------------------- subjects
+# A subject is what measure() runs: an eager/TorchScript module or an onnxruntime session,
+# behind one small interface so every figure is taken the same way for both.
+
+
+class _TorchSubject:
+    fixed_batch = None
+    static_shape = None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        scripted = isinstance(model, torch.jit.ScriptModule)
+        self.runtime = "torchscript" if scripted else "torch"
+        self.default_name = model.original_name if scripted else type(model).__name__
+        floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+        self.dtype = next(floats, torch.float32)
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+    timed = forward
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def count_params(self) -> tuple[int, int]:
+        return count_params(self.model)
+
+    def state_dict_bytes(self) -> int:
+        return state_dict_bytes(self.model.state_dict())
+
+    def macs(self, example: torch.Tensor) -> int:
+        return count_macs(self.model, example)
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(double)": np.float64}
+# Per op: {quantized input index: its zero-point input index} and the inputs that are
+# quantisation scales/zero points (not parameters of the model).
+_QUANT_INPUTS: dict[str, tuple[dict[int, int], set[int]]] = {
+    "QuantizeLinear": ({}, {1, 2}),
+    "DequantizeLinear": ({0: 2}, {1, 2}),
+    "MatMulInteger": ({0: 2, 1: 3}, {2, 3}),
+    "ConvInteger": ({0: 2, 1: 3}, {2, 3}),
+    "QLinearMatMul": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+    "QLinearConv": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+}
+
+
+class _OnnxSubject:
+    runtime = "onnxruntime"
+    dtype = torch.float32
+
+    def __init__(self, path: Path, threads: int):
+        import onnx
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's exceptions derive from Exception only
+            raise TorchslimError(f"onnxruntime cannot run {path}: {_first_line(exc)}; "
+                                 "re-export the model (opset 17 or newer)") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise TorchslimError(f"{path} has {len(inputs)} inputs; torchslim measures "
+                                 "single-input models only")
+        dims = inputs[0].shape
+        self.input_name = inputs[0].name
+        self.np_dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
+        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
+        static = all(isinstance(d, int) for d in dims[1:])
+        self.static_shape = tuple(dims[1:]) if static and len(dims) > 1 else None
+        self.default_name = Path(path).name
+        self.proto = onnx.load(str(path))
+
+    def timed(self, x: np.ndarray):
+        return self.session.run(None, {self.input_name: x})
+
+    def prepare(self, x: torch.Tensor) -> np.ndarray:
+        return x.numpy().astype(self.np_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.from_numpy(self.timed(self.prepare(x))[0])
+        except Exception as exc:  # InvalidArgument/Fail: make them look like torch's errors
+            raise RuntimeError(_first_line(exc)) from exc
+
+    def _weights(self) -> list[tuple[np.ndarray, np.ndarray | int]]:
+        """(array, zero point) of each initializer that is a model parameter."""
+        from onnx import numpy_helper
+
+        graph = self.proto.graph
+        zero_point_of: dict[str, str | None] = {}
+        quant_meta: set[str] = set()
+        for node in graph.node:
+            data_to_zp, meta = _QUANT_INPUTS.get(node.op_type, ({}, set()))
+            for i, name in enumerate(node.input):
+                if i in meta:
+                    quant_meta.add(name)
+                elif i in data_to_zp:
+                    zp = data_to_zp[i]
+                    zero_point_of[name] = node.input[zp] if zp < len(node.input) else None
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        weights = []
+        for name, arr in inits.items():
+            if name in quant_meta:
+                continue
+            if name in zero_point_of:  # quantized weight: zero is its zero point
+                zp = inits.get(zero_point_of[name] or "")
+                weights.append((arr, _broadcast_zero_point(arr, zp)))
+            elif arr.dtype.kind == "f":  # int64 shape constants are not parameters
+                weights.append((arr, 0))
+        return weights
+
+    def count_params(self) -> tuple[int, int]:
+        weights = self._weights()
+        total = sum(int(a.size) for a, _ in weights)
+        nonzero = sum(int(np.count_nonzero(a != zp)) for a, zp in weights)
+        return total, nonzero
+
+    def state_dict_bytes(self) -> int:
+        state = {str(i): torch.from_numpy(a.astype(np.float32))
+                 for i, (a, _) in enumerate(self._weights())}
+        return state_dict_bytes(state)
+
+    def macs(self, example: torch.Tensor) -> int | None:
+        props = {p.key: p.value for p in self.proto.metadata_props}
+        value = props.get(MACS_METADATA_KEY)
+        return int(value) if value and value.isdigit() else None
+
+
+def _broadcast_zero_point(arr: np.ndarray, zp: np.ndarray | None) -> np.ndarray | int:
+    """A per-channel zero point lies along one axis of the weight (axis 0 for weights)."""
+    if zp is None or zp.size == 1:
+        return 0 if zp is None else zp.reshape(()).astype(arr.dtype)
+    axis = next(i for i, n in enumerate(arr.shape) if n == zp.size)
+    shape = [1] * arr.ndim
+    shape[axis] = zp.size
+    return zp.reshape(shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0][:240] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- measure()
+
+
+def _open(target, threads: int):
+    """(subject, path, file_bytes, metadata input shape) for a module or a LoadedModel."""
+    if isinstance(target, nn.Module):
+        return _TorchSubject(target), None, None, None
+    kind = getattr(target, "kind", None)
+    if kind is None:
+        raise TorchslimError(f"cannot measure a {type(target).__name__}; pass an nn.Module, "
+                             "a ScriptModule or a model loaded with load_model()")
+    meta = getattr(target, "meta", None)
+    meta_shape = tuple(meta.input_shape) if meta is not None and meta.input_shape else None
+    path = Path(target.path) if target.path else None
+    if kind == "onnx":
+        subject = _OnnxSubject(path, threads)
+    else:
+        subject = _TorchSubject(target.model)
+        if path is not None:
+            subject.default_name = path.name
+    return subject, path, target.file_bytes, meta_shape
+
+
+def _resolve_shape(explicit, meta_shape, subject, data, name: str) -> tuple[int, ...]:
+    """Explicit > file metadata (torchslim meta, then a static ONNX input) > the data."""
+    data_shape = None
+    if data is not None:
+        data_shape = getattr(data, "input_shape", None) or tuple(_val(data)[0][0].shape)
+    for shape in (explicit, meta_shape, subject.static_shape, data_shape):
+        if shape:
+            return tuple(int(d) for d in shape)
+    raise TorchslimError(f"no input shape known for {name}: pass --input-shape C,H,W "
+                         "(or --data, whose samples give the shape)")
+
+
+def _val(data):
+    """The evaluation split: a DataSplit's val, or a dataset given as it is."""
+    return getattr(data, "val", data)
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _trial(subject, example: torch.Tensor, name: str) -> torch.Tensor:
+    try:
+        with torch.inference_mode():
+            out = subject.forward(example)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise TorchslimError(
+            f"input shape {_dims(example.shape)} does not fit model {name}: "
+            f"{_first_line(exc)}; pass --input-shape C,H,W matching the model") from exc
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TorchslimError(f"model {name} returned {type(out).__name__}, not a tensor of "
+                             "logits; measure a model whose forward returns a tensor")
+    return out
+
+
+def _check_data(out: torch.Tensor, data, shape: tuple[int, ...], name: str) -> None:
+    val = _val(data)
+    if len(val) == 0:
+        raise TorchslimError(f"the validation split of {_data_name(data)} is empty; "
+                             "use more data or a larger validation fraction")
+    sample = tuple(val[0][0].shape)
+    if sample != shape:
+        raise TorchslimError(
+            f"{_data_name(data)} has samples of shape {_dims(sample)} but {name} is measured "
+            f"at {_dims(shape)}; resize the data (--image-size/--channels) to match the model")
+    classes = getattr(data, "num_classes", None) or int(val[:][1].max()) + 1
+    if out.dim() != 2 or out.shape[1] != classes:
+        got = out.shape[1] if out.dim() == 2 else f"shape {_dims(out.shape)}"
+        raise TorchslimError(
+            f"model {name} outputs {got} classes but {_data_name(data)} has {classes}; "
+            "use data with the model's classes (or retrain the classifier)")
+
+
+def _data_name(data) -> str:
+    return getattr(data, "name", "the data")
+
+
+def _example(shape: tuple[int, ...], batch: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((batch, *shape), generator=gen).to(dtype)
+
+
+def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | None = None,
+            data=None, threads: int | None = None, batch_size: int = 32,
+            min_run_time: float | None = None) -> Measurement:
+    """Measure a module, ScriptModule or LoadedModel (ONNX files run in onnxruntime).
+
+    ``input_shape`` is one sample's shape without batch, e.g. (1, 60, 120). ``data`` (a
+    DataSplit, or a dataset) adds accuracy on its validation split. ``threads`` defaults to
+    torch's current intra-op thread count; ``min_run_time`` is seconds of timing per batch.
+    """
+    threads = int(threads or torch.get_num_threads())
+    run_time = DEFAULT_MIN_RUN_TIME if min_run_time is None else float(min_run_time)
+    subject, path, file_bytes, meta_shape = _open(target, threads)
+    name = name or subject.default_name
+    shape = _resolve_shape(input_shape, meta_shape, subject, data, name)
+    with _eval_mode(getattr(subject, "model", None)):
+        example = _example(shape, 1, subject.dtype)
+        out = _trial(subject, example, name)
+        if data is not None:
+            _check_data(out, data, shape, name)
+        params, nonzero = subject.count_params()
+        lat, batch_lat, notes = _latencies(subject, shape, threads, batch_size, run_time)
+        top1, top5 = (None, None) if data is None else _accuracy(subject, data, batch_size)
+        macs = subject.macs(example)
+    return Measurement(
+        model=name, runtime=subject.runtime, params=params, nonzero_params=nonzero,
+        file_bytes=file_bytes, state_dict_bytes=subject.state_dict_bytes(),
+        compressed_bytes=gzip_bytes(path) if path is not None else None, macs=macs,
+        input_shape=shape, latency_ms_median=lat.median_ms, latency_ms_p90=lat.p90_ms,
+        batch_size=batch_size,
+        batch_latency_ms_median=batch_lat.median_ms if batch_lat else None,
+        batch_latency_ms_p90=batch_lat.p90_ms if batch_lat else None,
+        threads=threads, accuracy=top1, top5=top5, env=environment(threads), notes=notes)
+
+
+def _latencies(subject, shape, threads: int, batch_size: int, run_time: float):
+    """Batch-1 and batch-N latency; an ONNX graph with a fixed batch gets batch 1 only."""
+    def timed(batch: int) -> LatencyStats:
+        x = subject.prepare(_example(shape, batch, subject.dtype))
+        return measure_latency(subject.timed, x, threads=threads, min_run_time=run_time)
+
+    notes = []
+    single = timed(1)
+    if subject.fixed_batch is not None and subject.fixed_batch != batch_size:
+        notes.append(f"graph has a fixed batch of {subject.fixed_batch}; "
+                     f"batch-{batch_size} latency not measured")
+        return single, None, notes
+    return single, timed(batch_size), notes
+
+
+def _accuracy(subject, data, batch_size: int):
+    batch = subject.fixed_batch or max(batch_size, 256)
+    return accuracy(subject.forward, _val(data), batch)
