@@ -6,6 +6,7 @@ Progress goes through callbacks so the library never prints; the CLI plugs in ri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     augment: bool = True  # small random shifts: the cheap regulariser for tiny image sets
+    hflip: bool = False  # random mirror flips; off: PD images are not mirror-invariant
     temperature: float = 4.0  # KD temperature, used only when a teacher is given
     alpha: float = 0.7  # weight of the soft (teacher) loss vs the hard label loss
     device: str = "cpu"
@@ -66,6 +68,7 @@ class Callbacks:
     on_start: Callable[[int, int], None] | None = None  # (epochs, steps per epoch)
     on_step: Callable[[int, int, float], None] | None = None  # (epoch, step, loss)
     on_epoch: Callable[[EpochStats], None] | None = None
+    on_checkpoint: Callable[[dict], None] | None = None  # resumable state after each epoch
 
 
 def kd_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float):
@@ -104,8 +107,9 @@ def evaluate(model_or_fn, dataset: TensorDataset, batch_size: int = 256):
         model_or_fn.eval()
     correct1 = correct5 = total = 0
     num_classes = None
+    device = _device_of(model_or_fn)
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = torch.as_tensor(model_or_fn(x)).float()
+        logits = torch.as_tensor(model_or_fn(x.to(device))).float().cpu()
         num_classes = logits.shape[1]
         k = min(5, num_classes)
         top = logits.topk(k, dim=1).indices
@@ -127,11 +131,14 @@ def fit(
     extra_params: list[nn.Parameter] | None = None,
     callbacks: Callbacks | None = None,
     sampler=None,
+    resume: dict | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train``, validate each epoch, restore the best weights.
 
     ``teacher`` switches the loss to :func:`kd_loss`; ``extra_loss(x, logits)`` is added to
     it (feature distillation); ``extra_params`` are optimised too (e.g. adapters).
+    ``resume`` is a state given to ``callbacks.on_checkpoint``: training continues after
+    its epoch exactly as if it had not stopped.
     """
     cb = callbacks or Callbacks()
     device = torch.device(cfg.device)
@@ -156,9 +163,13 @@ def fit(
     )
     best = FitResult(best_top1=-1.0, best_epoch=0)
     best_state = copy.deepcopy(model.state_dict())
+    start = 1
+    if resume is not None:
+        best_state = _restore(resume, model, opt, sched, gen, best)
+        start = resume["epoch"] + 1
     if cb.on_start:
         cb.on_start(cfg.epochs, len(loader))
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         loss = _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, epoch)
@@ -170,10 +181,53 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         if cb.on_epoch:
             cb.on_epoch(stats)
+        if cb.on_checkpoint:
+            cb.on_checkpoint(_checkpoint(epoch, model, opt, sched, gen, best, best_state))
     model.load_state_dict(best_state)
     if cfg.epochs == 0:
         best.best_top1 = evaluate(model, data.val)[0]
     return best
+
+
+def _device_of(model_or_fn) -> torch.device:
+    if isinstance(model_or_fn, nn.Module):
+        for p in model_or_fn.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model here
+
+
+def _checkpoint(epoch, model, opt, sched, gen, best, best_state) -> dict:
+    """Everything needed to continue after ``epoch``, as tensors and plain types only (so it
+    loads with ``weights_only=True``)."""
+    prefix = "module." if model is not _unwrap(model) else ""
+    return {
+        "epoch": epoch,
+        "model": _unwrap(model).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "best_state": {k.removeprefix(prefix): v for k, v in best_state.items()},
+        "best_top1": best.best_top1,
+        "best_epoch": best.best_epoch,
+        "history": [dataclasses.asdict(e) for e in best.epochs],
+    }
+
+
+def _restore(state: dict, model, opt, sched, gen, best: FitResult) -> dict:
+    _unwrap(model).load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    best.best_top1, best.best_epoch = state["best_top1"], state["best_epoch"]
+    best.epochs = [EpochStats(**e) for e in state["history"]]
+    prefix = "module." if model is not _unwrap(model) else ""
+    return {prefix + k: v for k, v in state["best_state"].items()}
 
 
 def _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, epoch) -> float:
@@ -183,6 +237,9 @@ def _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, e
     for step, (x, y) in enumerate(loader, 1):
         if cfg.augment:
             x = augment_batch(x, gen)
+            if cfg.hflip:
+                flip = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x, y = x.to(device), y.to(device)
         logits = model(x)
         if teacher is not None:
