@@ -78,6 +78,8 @@ class PruneConfig:
             raise TorchslimError(f"--steps must be >= 1, got {self.steps}")
         if self.round_to is not None and self.round_to < 1:
             raise TorchslimError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.layer_ratios and self.global_pruning:
+            raise TorchslimError("per-layer ratios (--from-sensitivity) need --local ranking")
         if self.unstructured and (self.target_macs is not None or self.layer_ratios):
             raise TorchslimError(
                 "--unstructured zeroes weights and saves no MACs; use --ratio with it"
@@ -224,7 +226,9 @@ def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
         if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or id(m) in skip:
             continue
         try:
-            dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
         except Exception:
             bad.append(dg._module2name[m])
     return bad
@@ -300,10 +304,12 @@ def taylor_gradients(model: nn.Module, data, batches: int = 4, batch_size: int =
         nn.functional.cross_entropy(model(x), y).backward()
 
 
-def _prune_copy(model, example, cfg, plan_fn, ratio, ratios_by_name=None):
-    """Prune a deep copy in one step (for searches); returns the copy."""
-    m = copy.deepcopy(model)
-    plan = plan_fn(m)
+def prune_copy(model, example, cfg, plan: _Plan, ratio, ratios_by_name=None):
+    """Prune a deep copy in one step (searches, sensitivity); the original is untouched.
+
+    Model and plan are copied together so the plan's modules are the copy's modules.
+    """
+    m, plan = copy.deepcopy((model, plan))
     ratios = _modules_for(m, ratios_by_name)
     pruner = build_pruner(m, example, _one_step(cfg), plan, ratio, ratios)
     prune_step(pruner, m)
@@ -325,33 +331,31 @@ def _modules_for(model: nn.Module, ratios_by_name) -> dict[nn.Module, float]:
     return {m: float(r) for m, r in zip(layers, ratios_by_name.values(), strict=True)}
 
 
-def ratio_for_macs(model, example, cfg: PruneConfig, plan_fn, iters: int = 12) -> float:
+def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 12) -> float:
     """Smallest channel ratio whose pruned copy keeps <= target_macs of the MACs.
 
     Bisection on deep copies: MACs fall monotonically with the ratio, and a ratio that
     would empty a layer counts as too large.
     """
     base = count_macs(model, example)
-    goal = cfg.target_macs * base
-    lo, hi, best, best_macs = 0.0, 0.99, None, None
+    lo, hi, best, least = 0.0, 0.99, None, base
     for _ in range(iters):
         mid = (lo + hi) / 2
         try:
-            macs = count_macs(_prune_copy(model, example, cfg, plan_fn, mid), example)
+            macs = count_macs(prune_copy(model, example, cfg, plan, mid), example)
         except TorchslimError:
             hi = mid
             continue
-        if macs <= goal:
-            hi, best, best_macs = mid, mid, macs
+        least = min(least, macs)
+        if macs <= cfg.target_macs * base:
+            hi, best = mid, mid
         else:
             lo = mid
     if best is None:
         raise TorchslimError(
-            f"--target-macs {cfg.target_macs} is out of reach: it would remove whole layers "
-            f"(the most pruning that keeps every layer leaves about {lo:.2f} of the channels "
-            "removed); ask for a larger fraction"
+            f"--target-macs {cfg.target_macs} is out of reach: pruning short of removing a "
+            f"whole layer still keeps {least / base:.2f} of the MACs; ask for at least that"
         )
-    del best_macs
     return best
 
 
@@ -459,22 +463,20 @@ def _finetune(model, data, train_cfg, teacher, callbacks, say, label):
 
 
 def _run_structured(model, cfg, example, data, train_cfg, teacher, callbacks, say) -> dict:
-    def plan_fn(m):
-        return make_plan(m, example, cfg.ignore)
-
+    plan = make_plan(model, example, cfg.ignore)
     ratio = cfg.ratio
     if cfg.target_macs is not None:
         say(f"searching the channel ratio that keeps {cfg.target_macs:.0%} of the MACs")
-        ratio = ratio_for_macs(model, example, cfg, plan_fn)
-    plan = plan_fn(model)
+        ratio = ratio_for_macs(model, example, cfg, plan)
     ratios = _modules_for(model, cfg.layer_ratios)
     pruner = build_pruner(model, example, cfg, plan, ratio or 0.0, ratios)
     pruned_top1, fit_result = None, None
+    removed = 0
     for step in range(1, cfg.steps + 1):
         if cfg.importance == "taylor":
             taylor_gradients(model, data)
         say(f"pruning step {step}/{cfg.steps}")
-        prune_step(pruner, model)
+        removed += prune_step(pruner, model)
         model.zero_grad(set_to_none=True)
         if step == 1 and data is not None and cfg.steps == 1:
             from .train import evaluate
@@ -482,6 +484,9 @@ def _run_structured(model, cfg, example, data, train_cfg, teacher, callbacks, sa
             pruned_top1 = evaluate(model, data.val)[0]
         fit_result = _finetune(model, data, train_cfg, teacher, callbacks, say,
                                f"fine-tuning after step {step}/{cfg.steps}") or fit_result
+    if removed == 0:
+        plan.notes.append("nothing was pruned: no layer is both prunable and not ignored, "
+                          "or the ratio is too small to remove one channel")
     return {"model": model, "ratio": ratio, "notes": plan.notes,
             "pruned_top1": pruned_top1, "fit": fit_result}
 
