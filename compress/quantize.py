@@ -1,0 +1,273 @@
+"""Quantization that runs int8 for real: `torchslim quantize`.
+
+Routes (chosen by measurement on this project's CPU; see README "Quantization"):
+
+- static / qat / dynamic -> ONNX Runtime: the model is exported with ``torch.onnx`` (eval
+  mode, so BatchNorm folds into the convs in ORT's pre-pass), quantized to QDQ int8 and
+  saved as one ``.onnx`` file that ORT runs with int8 kernels (QLinearConv, MatMulInteger...).
+- weight-only / fp16 / bf16 -> torch: a torchslim ``.pt`` with smaller weights that
+  reloads without --trust.
+
+Whatever ORT leaves in fp32 is read back from the graph ORT actually runs and listed.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import onnx_quant as oq
+from .config import config_to_dict, register_config
+from .errors import TorchslimError, UsageError
+from .io import LoadedModel, ModelMeta, atomic_write, check_output, history_entry, save_model
+
+MODES = ("static", "dynamic", "weight-only", "fp16", "bf16", "qat")
+ORT_MODES = ("static", "dynamic", "qat")
+BACKENDS = {m: ("onnxruntime",) if m in ORT_MODES else ("torch",) for m in MODES}
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@register_config("quantize")
+@dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "static"
+    # "auto" = the measured-fastest route for the mode; the torch int8 route (torchao PT2E +
+    # torch.compile) is not offered: its artifact needs a compile at every load.
+    backend: str = "auto"
+    calib_batches: int = 8  # x calib_batch_size samples from the training split
+    calib_batch_size: int = 32  # 256 samples: min/max ranges settle well before that
+    per_channel: bool = True  # per-output-channel weight scales: needed for depthwise convs
+    calibrate: str = "minmax"
+    exclude: tuple[str, ...] = ()  # ONNX node names to keep in fp32
+    qat_epochs: int = 3
+    qat_lr: float = 5e-4  # fine-tuning, not training: ~1/6 of train's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TorchslimError(
+                f"unknown quantize mode {self.mode!r}; choose one of {', '.join(MODES)}"
+            )
+        if self.backend != "auto" and self.backend not in BACKENDS[self.mode]:
+            raise UsageError(
+                f"--backend {self.backend} is not available for mode {self.mode}; use "
+                f"{' or '.join(BACKENDS[self.mode])} (or auto)"
+            )
+        if self.calib_batches < 1 or self.calib_batch_size < 1:
+            raise UsageError("--calib-batches and the calibration batch size must be >= 1")
+        if self.calibrate not in CALIBRATIONS:
+            raise UsageError(f"calibrate must be one of {', '.join(CALIBRATIONS)}")
+        if self.qat_epochs < 1 or self.qat_lr <= 0:
+            raise UsageError("qat_epochs must be >= 1 and qat_lr > 0")
+
+    @property
+    def runtime(self) -> str:
+        return BACKENDS[self.mode][0] if self.backend == "auto" else self.backend
+
+    @property
+    def suffix(self) -> str:
+        return ".onnx" if self.runtime == "onnxruntime" else ".pt"
+
+
+@dataclass
+class QuantResult:
+    path: Path
+    mode: str
+    runtime: str  # which runtime runs the artifact: "onnxruntime" | "torch"
+    meta: ModelMeta
+    fallbacks: list[str] = field(default_factory=list)  # compute layers left in fp32
+    int8_ops: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    fp32_onnx: Path | None = None  # the fp32 ONNX export, when kept (for same-runtime tables)
+
+
+def quantize_model(
+    model: LoadedModel | nn.Module,
+    cfg: QuantizeConfig,
+    *,
+    out_path: str | Path,
+    data=None,
+    meta: ModelMeta | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    force: bool = False,
+    keep_fp32_onnx: str | Path | None = None,
+) -> QuantResult:
+    """Quantize ``model`` per ``cfg`` and write the artifact to ``out_path`` (atomically).
+
+    ``data`` is a DataSplit: calibration (static), fine-tuning (qat) and accuracy before and
+    after. ``keep_fp32_onnx`` also writes the fp32 export there (ORT modes) so callers can
+    compare both precisions on the same runtime.
+    """
+    module, meta, inputs, file_bytes = _resolve(model, meta)
+    shape = tuple(input_shape or meta.input_shape or (data.input_shape if data else ()))
+    if not shape:
+        raise TorchslimError("input shape unknown; pass --input-shape C,H,W or --data")
+    out = Path(out_path)
+    if out.suffix.lower() != cfg.suffix:
+        raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like model"
+                         f"{cfg.suffix}")
+    check_output(out, force=force, inputs=inputs)
+    if cfg.mode in ("static", "qat") and data is None:
+        raise TorchslimError(f"{cfg.mode} quantization needs --data to calibrate on "
+                             "(e.g. --data digits, or the model's training images)")
+    module = copy.deepcopy(module).float().eval()
+    before = _before_stats(module, shape, data, file_bytes)
+    meta = copy.deepcopy(meta)
+    meta.input_shape = shape
+    if data is not None and not meta.class_names:
+        meta.class_names = list(data.class_names)
+    run = _quantize_onnx if cfg.runtime == "onnxruntime" else _quantize_torch
+    res = run(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32_onnx)
+    res.accuracy_before = before.get("accuracy")
+    return res
+
+
+def _resolve(model, meta):
+    if isinstance(model, LoadedModel):
+        if model.model is None or model.kind == "torchscript":
+            raise TorchslimError(
+                f"`torchslim quantize` cannot transform a {model.kind} file ({model.path}); "
+                "pass the eager model (torchslim .pt, pickle with --trust, or state_dict + --arch)"
+            )
+        return model.model, meta or model.meta, [model.path], model.file_bytes
+    if not isinstance(model, nn.Module):
+        raise TorchslimError(f"expected an nn.Module to quantize, got {type(model).__name__}")
+    return model, meta or ModelMeta(), [], None
+
+
+def _before_stats(module, shape, data, file_bytes) -> dict:
+    from .measure import count_macs, count_params
+
+    stats = {"params": count_params(module)[0], "file_bytes": file_bytes}
+    try:
+        stats["macs"] = int(count_macs(module, torch.zeros(1, *shape)))
+    except Exception as exc:  # a shape the model rejects: say so before any work is done
+        raise TorchslimError(
+            f"the model does not run on input shape {shape}: {oq.first_line(exc)}; "
+            "pass the right --input-shape"
+        ) from exc
+    if data is not None:
+        stats["accuracy"] = _evaluate(module, data)
+    return stats
+
+
+def _evaluate(fn, data) -> float:
+    from .train import evaluate
+
+    return float(evaluate(fn, data.val)[0])
+
+
+# --- ONNX Runtime modes ---------------------------------------------------------------------
+
+
+def _quantize_onnx(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32):
+    with tempfile.TemporaryDirectory(prefix="torchslim-q-") as tmp:
+        tmp = Path(tmp)
+        notes: list[str] = []
+        if cfg.mode == "qat":
+            module, qat_note = _qat_finetune(module, cfg, data)
+            notes.append(qat_note)
+        fp32 = oq.export_onnx(module, shape, tmp / "fp32.onnx")
+        src = _preprocessed(fp32, tmp, notes)
+        q = tmp / "int8.onnx"
+        if cfg.mode == "dynamic":
+            oq.quantize_dynamic_onnx(src, q, per_channel=False, exclude=cfg.exclude)
+            notes.append("dynamic: int8 weights, activations quantized per call")
+        else:
+            calib = oq.calibration_batches(data.train, cfg.calib_batches, cfg.calib_batch_size,
+                                           cfg.seed)
+            oq.quantize_static_onnx(src, q, calib, per_channel=cfg.per_channel,
+                                    exclude=cfg.exclude, calibrate=cfg.calibrate)
+            notes.append(f"calibrated on {sum(len(c) for c in calib)} training samples "
+                         f"({cfg.calibrate})")
+        ops = oq.summarize_ops(oq.runtime_ops(q, tmp))
+        fallbacks = ops["fp32_compute"]
+        if ops["fp32_elementwise"]:
+            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(ops["fp32_elementwise"].items()))
+            notes.append(f"fp32 elementwise ops: {kinds}")
+        acc = _evaluate(oq.OnnxRunner(q), data) if data is not None else None
+        after = {"params": before["params"], "macs": before["macs"], "accuracy": acc,
+                 "runtime": "onnxruntime", "int8_ops": sum(ops["int8_ops"].values()),
+                 "fp32_compute_ops": len(fallbacks)}
+        meta.history.append(_history(cfg, before, after, notes, fallbacks))
+        _write_onnx(q, tmp, meta, out, force, inputs)
+        kept = _keep(fp32, keep_fp32, force, inputs) if keep_fp32 else None
+    return QuantResult(out, cfg.mode, "onnxruntime", meta, fallbacks, ops["int8_ops"], notes,
+                       accuracy_after=acc, fp32_onnx=kept)
+
+
+def _preprocessed(fp32: Path, tmp: Path, notes: list[str]) -> Path:
+    try:
+        return oq.preprocess(fp32, tmp / "pre.onnx")
+    except Exception as exc:  # symbolic shape inference fails on some graphs: not fatal
+        notes.append(f"ORT pre-processing skipped ({oq.first_line(exc)})")
+        return fp32
+
+
+def _history(cfg, before, after, notes, fallbacks) -> dict:
+    extra = [f"fp32 fallback: {', '.join(fallbacks)}"] if fallbacks else []
+    return history_entry("quantize", config_to_dict(cfg), before, after, [*notes, *extra])
+
+
+def _write_onnx(q: Path, tmp: Path, meta: ModelMeta, out: Path, force, inputs) -> None:
+    """Embed metadata; the recorded size is the final file's (the JSON holds its own size)."""
+    final = tmp / "final.onnx"
+    size = q.stat().st_size
+    for _ in range(4):  # converges in two rounds: only the size's digits can change
+        meta.history[-1]["after"]["file_bytes"] = size
+        oq.write_metadata(q, final, meta.to_dict())
+        if final.stat().st_size == size:
+            break
+        size = final.stat().st_size
+    atomic_write(out, lambda t: shutil.copyfile(final, t), force=force, inputs=inputs)
+
+
+def _keep(fp32: Path, dest, force, inputs) -> Path:
+    return atomic_write(Path(dest), lambda t: shutil.copyfile(fp32, t), force=force,
+                        inputs=inputs)
+
+
+def _qat_finetune(module, cfg, data):
+    """Fine-tune with int8 fake-quant on weights and layer inputs, then bake the weights."""
+    from .runtime import add_fake_quant, remove_fake_quant
+    from .train import TrainConfig, fit
+
+    handles = add_fake_quant(module)
+    tcfg = TrainConfig(epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed)
+    result = fit(module, data, tcfg)
+    remove_fake_quant(module, handles)
+    note = (f"qat: {cfg.qat_epochs} epochs fake-quant fine-tune at lr {cfg.qat_lr}, "
+            f"fake-quant val {result.best_top1:.2f}%")
+    return module.eval(), note
+
+
+# --- torch modes ----------------------------------------------------------------------------
+
+
+def _quantize_torch(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32):
+    from .runtime import CastWrapper, int8_weight_only
+
+    if cfg.mode == "weight-only":
+        qmodel, kept = int8_weight_only(module)
+        notes = ["int8 weights + per-channel fp32 scales; decoded to fp32 on first call"]
+    else:
+        dtype = torch.float16 if cfg.mode == "fp16" else torch.bfloat16
+        compute = torch.float32 if cfg.mode == "fp16" else torch.bfloat16
+        qmodel, kept = CastWrapper(module, dtype, compute), []
+        notes = [f"{cfg.mode} weights, computed in {str(compute).removeprefix('torch.')}"]
+    probe = copy.deepcopy(qmodel)  # running decodes in place; the file keeps the small form
+    acc = _evaluate(probe, data) if data is not None else None
+    after = {"params": before["params"], "macs": before["macs"], "accuracy": acc,
+             "runtime": "torch"}
+    meta.history.append(_history(cfg, before, after, notes, kept))
+    save_model(qmodel, out, meta, force=force, inputs=inputs)
+    after["file_bytes"] = out.stat().st_size
+    return QuantResult(out, cfg.mode, "torch", meta, kept, {}, notes, accuracy_after=acc)
