@@ -115,6 +115,7 @@ def safe_classes() -> list[type]:
 def _import_torchslim_models() -> None:
     """Import the model families so their classes are on the allow-list."""
     from .. import models  # noqa: F401  (importing the package imports every family)
+    from . import runtime  # noqa: F401  (quantize's weight-only / fp16 / bf16 modules)
 
 
 # --- loading --------------------------------------------------------------------------
