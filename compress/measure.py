@@ -11,6 +11,7 @@ import gzip
 import io
 import math
 import platform
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,7 +257,9 @@ def accuracy(fn: Callable, dataset, batch_size: int = 256) -> tuple[float, float
 
 def state_dict_bytes(state: dict[str, Any]) -> int:
     """Bytes of ``torch.save`` of the state as fp32 (integer buffers stay as they are)."""
-    plain = {k: _as_fp32(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    plain = OrderedDict((k, _as_fp32(v)) for k, v in state.items() if isinstance(v, torch.Tensor))
+    if hasattr(state, "_metadata"):  # keep what torch.save(model.state_dict()) would write
+        plain._metadata = state._metadata
     buf = io.BytesIO()
     torch.save(plain, buf)
     return buf.tell()
@@ -268,8 +271,9 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float() if t.is_floating_point() else t.detach()
 
 
-def gzip_bytes(path: Path) -> int:
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=6))
+def gzip_bytes(paths: list[Path]) -> int:
+    """Size of the files gzipped at level 6 (what ``gzip -6`` makes of them, in one stream)."""
+    return len(gzip.compress(b"".join(Path(p).read_bytes() for p in paths), compresslevel=6))
 
 
 # ---------------------------------------------------------------------------- subjects
@@ -326,7 +330,6 @@ class _OnnxSubject:
     dtype = torch.float32
 
     def __init__(self, path: Path, threads: int):
-        import onnx
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -349,7 +352,7 @@ class _OnnxSubject:
         static = all(isinstance(d, int) for d in dims[1:])
         self.static_shape = tuple(dims[1:]) if static and len(dims) > 1 else None
         self.default_name = Path(path).name
-        self.proto = onnx.load(str(path))
+        self.proto, self.files = _load_onnx_proto(Path(path))
 
     def timed(self, x: np.ndarray):
         return self.session.run(None, {self.input_name: x})
@@ -386,8 +389,8 @@ class _OnnxSubject:
             if name in zero_point_of:  # quantized weight: zero is its zero point
                 zp = inits.get(zero_point_of[name] or "")
                 weights.append((arr, _broadcast_zero_point(arr, zp)))
-            elif arr.dtype.kind == "f":  # int64 shape constants are not parameters
-                weights.append((arr, 0))
+            elif arr.dtype.kind == "f" and arr.ndim > 0:
+                weights.append((arr, 0))  # int64 shapes and 0-d scales are constants
         return weights
 
     def count_params(self) -> tuple[int, int]:
@@ -405,6 +408,21 @@ class _OnnxSubject:
         props = {p.key: p.value for p in self.proto.metadata_props}
         value = props.get(MACS_METADATA_KEY)
         return int(value) if value and value.isdigit() else None
+
+
+def _load_onnx_proto(path: Path):
+    """The graph with its weights, and every file it is made of: torch's dynamo exporter
+    writes the weights beside the graph (``model.onnx.data``), and both are the model's size.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = onnx.load(str(path), load_external_data=False)
+    external = {path.parent / e.value for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+    load_external_data_for_model(proto, str(path.parent))
+    return proto, [path, *sorted(external)]
 
 
 def _broadcast_zero_point(arr: np.ndarray, zp: np.ndarray | None) -> np.ndarray | int:
@@ -426,9 +444,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open(target, threads: int):
-    """(subject, path, file_bytes, metadata input shape) for a module or a LoadedModel."""
+    """(subject, the files it came from, metadata input shape) for a module or LoadedModel."""
     if isinstance(target, nn.Module):
-        return _TorchSubject(target), None, None, None
+        return _TorchSubject(target), [], None
     kind = getattr(target, "kind", None)
     if kind is None:
         raise TorchslimError(f"cannot measure a {type(target).__name__}; pass an nn.Module, "
@@ -438,11 +456,11 @@ def _open(target, threads: int):
     path = Path(target.path) if target.path else None
     if kind == "onnx":
         subject = _OnnxSubject(path, threads)
-    else:
-        subject = _TorchSubject(target.model)
-        if path is not None:
-            subject.default_name = path.name
-    return subject, path, target.file_bytes, meta_shape
+        return subject, subject.files, meta_shape
+    subject = _TorchSubject(target.model)
+    if path is not None:
+        subject.default_name = path.name
+    return subject, [path] if path is not None else [], meta_shape
 
 
 def _resolve_shape(explicit, meta_shape, subject, data, name: str) -> tuple[int, ...]:
@@ -520,7 +538,7 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
     """
     threads = int(threads or torch.get_num_threads())
     run_time = DEFAULT_MIN_RUN_TIME if min_run_time is None else float(min_run_time)
-    subject, path, file_bytes, meta_shape = _open(target, threads)
+    subject, files, meta_shape = _open(target, threads)
     name = name or subject.default_name
     shape = _resolve_shape(input_shape, meta_shape, subject, data, name)
     with _eval_mode(getattr(subject, "model", None)):
@@ -534,8 +552,9 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
         macs = subject.macs(example)
     return Measurement(
         model=name, runtime=subject.runtime, params=params, nonzero_params=nonzero,
-        file_bytes=file_bytes, state_dict_bytes=subject.state_dict_bytes(),
-        compressed_bytes=gzip_bytes(path) if path is not None else None, macs=macs,
+        file_bytes=sum(f.stat().st_size for f in files) if files else None,
+        state_dict_bytes=subject.state_dict_bytes(),
+        compressed_bytes=gzip_bytes(files) if files else None, macs=macs,
         input_shape=shape, latency_ms_median=lat.median_ms, latency_ms_p90=lat.p90_ms,
         batch_size=batch_size,
         batch_latency_ms_median=batch_lat.median_ms if batch_lat else None,
