@@ -443,8 +443,8 @@ def prune_model(
         raise TorchslimError("pruning changed the model's output shape; --ignore the head layer")
     after = _numbers(model, example, data)
     if cfg.unstructured:
-        before["gzip_bytes"] = report.pop("gzip_before")
-        after["gzip_bytes"] = gzip_bytes(model)
+        before["compressed_bytes"] = report.pop("gzip_before")
+        after["compressed_bytes"] = gzip_bytes(model)
     return model.eval(), PruneReport(before=before, after=after, **report)
 
 
@@ -507,6 +507,6 @@ def _run_unstructured(model, cfg, example, data, train_cfg, callbacks, say) -> d
     fit_result = _finetune(model, data, train_cfg, None, callbacks, say, "fine-tuning")
     remove_masks(targets)
     notes = ["unstructured: zeros do not shrink the dense fp32 file or speed up dense "
-             "kernels; see nonzero_params and gzip_bytes"]
+             "kernels; see nonzero_params and compressed_bytes (gzip)"]
     return {"model": model, "ratio": cfg.ratio, "notes": notes, "pruned_top1": pruned_top1,
             "fit": fit_result, "gzip_before": gz}
