@@ -147,8 +147,11 @@ def pd_model(
 
 @register_model(default_size=(60, 120), min_size=(16, 16))
 def pd_tiny(*, num_classes: int, in_channels: int, input_size: Sequence[int]) -> nn.Module:
-    """PDModel layout at 1/8 width (4-16 ch, hidden 16/8): a fast stand-in for tests."""
-    return PDModel(num_classes, in_channels, input_size, channels=(4, 8, 8, 16), hidden=(16, 8))
+    """PDModel layout at 1/8-1/16 width (4-16 ch, hidden 32/16): a fast stand-in for tests."""
+    # dropout 0.1: dropping half of a 16-unit layer leaves too little for a model this narrow
+    return PDModel(
+        num_classes, in_channels, input_size, channels=(4, 8, 8, 16), hidden=(32, 16), dropout=0.1
+    )
 
 
 @register_model(default_size=(60, 120))
