@@ -1,0 +1,119 @@
+"""`torchslim report`: params, file size, MACs, CPU latency and accuracy, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tabulate import tabulate
+
+from ..compress.measure import measure
+from .common import (
+    ArchOpt,
+    ChannelsOpt,
+    DataOpt,
+    FormatOpt,
+    ImageSizeOpt,
+    InChannelsOpt,
+    InputShapeOpt,
+    NumClassesOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TrustOpt,
+    check_format,
+    command,
+    open_data,
+    open_model,
+    parse_input_shape,
+    stderr_console,
+    stdout_console,
+)
+from .render import history_rows, render_text, rich_history, rich_table
+
+
+def measure_files(paths, *, data, image_size, channels, seed, input_shape, threads, batch_size,
+                  trust, arch, num_classes, in_channels, min_run_time=None):
+    """Load and measure each file; data is loaded once, sized like the first model."""
+    records, histories = [], []
+    split = None
+    for path in paths:
+        loaded = open_model(path, trust=trust, arch=arch, num_classes=num_classes,
+                            in_channels=in_channels, input_shape=input_shape)
+        if data and split is None:
+            split = open_data(data, image_size=image_size, channels=channels, seed=seed,
+                              like=loaded)
+        with stderr_console.status(f"measuring {path}..."):
+            rec = measure(loaded, name=str(path), input_shape=input_shape, data=split,
+                          threads=threads, batch_size=batch_size, min_run_time=min_run_time)
+        records.append(rec.to_dict())
+        histories.append((str(path), loaded.meta.history))
+    return records, histories
+
+
+def _emit(records, histories, fmt: str) -> None:
+    if fmt == "json":
+        for rec, (_, hist) in zip(records, histories, strict=True):
+            rec["history"] = hist
+        typer.echo(render_text(records, "json"))
+        return
+    if fmt in ("markdown", "csv"):
+        typer.echo(render_text(records, fmt))
+        if fmt == "markdown":
+            for name, hist in histories:
+                if hist:
+                    headers, body = history_rows(hist)
+                    typer.echo(f"\nHistory of {name}:\n")
+                    typer.echo(tabulate(body, headers=headers, tablefmt="github"))
+        return
+    stdout_console.print(rich_table(records, title="torchslim report"))
+    for name, hist in histories:
+        if hist:
+            stdout_console.print(rich_history(name, hist))
+    env = records[0].get("env") or {}
+    stderr_console.print(
+        f"[dim]latency: torch.utils.benchmark, {records[0].get('threads')} thread(s), "
+        f"{env.get('cpu', 'cpu')}, torch {env.get('torch', '?')}[/]"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @command(
+        app,
+        "report",
+        epilog=(
+            "Examples:\n\n"
+            "  torchslim report pd.pt --data digits\n\n"
+            "  torchslim report pd.pt pd-int8.onnx --format markdown\n\n"
+            "  torchslim report weights.pth --arch resnet_small --input-shape 1,8,8 -f json"
+        ),
+    )
+    def report_cmd(
+        models: Annotated[list[Path], typer.Argument(help="Model files; the first is the "
+                                                          "baseline for ratios.")],
+        data: DataOpt = None,
+        image_size: ImageSizeOpt = None,
+        channels: ChannelsOpt = None,
+        input_shape: InputShapeOpt = None,
+        threads: ThreadsOpt = None,
+        batch_size: Annotated[int, typer.Option(help="Larger batch for throughput latency.")] = 32,
+        min_time: Annotated[
+            float | None,
+            typer.Option(help="Seconds of timing per batch size (more = steadier numbers)."),
+        ] = None,
+        fmt: FormatOpt = "table",
+        trust: TrustOpt = False,
+        arch: ArchOpt = None,
+        num_classes: NumClassesOpt = None,
+        in_channels: InChannelsOpt = None,
+        seed: SeedOpt = 0,
+    ) -> None:
+        """Measure models: params, non-zero params, file size, MACs, latency, accuracy."""
+        check_format(fmt)
+        records, histories = measure_files(
+            models, data=data, image_size=image_size, channels=channels, seed=seed,
+            input_shape=parse_input_shape(input_shape), threads=threads, batch_size=batch_size,
+            trust=trust, arch=arch, num_classes=num_classes, in_channels=in_channels,
+            min_run_time=min_time,
+        )
+        _emit(records, histories, fmt)
