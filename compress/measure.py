@@ -11,8 +11,10 @@ import gzip
 import io
 import math
 import platform
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,17 +75,25 @@ class Measurement:
 # ---------------------------------------------------------------------------- counting
 
 
+# Integer storage that only quantized weights use (int8 weight-only layers keep their weight
+# as an int8 buffer); int64 counters such as BatchNorm's num_batches_tracked are not weights.
+QUANT_STORAGE = (torch.int8, torch.uint8)
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, non-zero) parameters; a shared parameter counts once.
 
-    Weights pruned with ``torch.nn.utils.prune`` keep a dense ``X_orig`` and a ``X_mask``
-    buffer; their non-zeros are those of ``X_orig * X_mask``, which is what the model uses.
+    Equals ``sum(p.numel() for p in model.parameters())`` for ordinary models. Quantized
+    weights held as int8/uint8 buffers count as the parameters they replace. Weights pruned
+    with ``torch.nn.utils.prune`` keep a dense ``X_orig`` and a ``X_mask`` buffer; their
+    non-zeros are those of ``X_orig * X_mask``, which is what the model computes with.
     """
     seen: set[int] = set()
     total = nonzero = 0
     for module in model.modules():
         buffers = dict(module.named_buffers(recurse=False))
-        for name, p in module.named_parameters(recurse=False):
+        quantized = [(n, b) for n, b in buffers.items() if b.dtype in QUANT_STORAGE]
+        for name, p in [*module.named_parameters(recurse=False), *quantized]:
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -167,21 +177,16 @@ def count_macs(model: nn.Module, example_input) -> int:
     return counter.get_total_flops() // 2
 
 
-class _eval_mode:
+@contextmanager
+def _eval_mode(model):
     """Put a module in eval mode and give every submodule its own training flag back."""
-
-    def __init__(self, model):
-        self.model = model if isinstance(model, nn.Module) else None
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self):
-        if self.model is not None:
-            self.flags = [(m, m.training) for m in self.model.modules()]
-            self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
+    flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    for m, _ in flags[:1]:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
             m.training = flag
 
 
@@ -201,8 +206,11 @@ def measure_latency(fn: Callable, example_input, *, threads: int,
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for _ in range(WARMUP_CALLS):
+            start = time.perf_counter()
+            for _ in range(WARMUP_CALLS):  # first calls allocate and pick kernels
                 fn(example_input)
+                if time.perf_counter() - start > min_run_time / 2:
+                    break  # a slow model is warm after one call; keep report quick
             timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": example_input},
                                     num_threads=threads)
             m = timer.blocked_autorange(min_run_time=min_run_time)
@@ -256,7 +264,7 @@ def accuracy(fn: Callable, dataset, batch_size: int = 256) -> tuple[float, float
 
 
 def state_dict_bytes(state: dict[str, Any]) -> int:
-    """Bytes of ``torch.save`` of the state as fp32 (integer buffers stay as they are)."""
+    """Bytes of ``torch.save`` of the state with every weight as fp32 (counters stay int)."""
     plain = OrderedDict((k, _as_fp32(v)) for k, v in state.items() if isinstance(v, torch.Tensor))
     if hasattr(state, "_metadata"):  # keep what torch.save(model.state_dict()) would write
         plain._metadata = state._metadata
@@ -268,7 +276,9 @@ def state_dict_bytes(state: dict[str, Any]) -> int:
 def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     if t.is_quantized:
         return t.dequantize()
-    return t.detach().float() if t.is_floating_point() else t.detach()
+    if t.is_floating_point() or t.dtype in QUANT_STORAGE:
+        return t.detach().float()
+    return t.detach()
 
 
 def gzip_bytes(paths: list[Path]) -> int:
@@ -426,10 +436,12 @@ def _load_onnx_proto(path: Path):
 
 
 def _broadcast_zero_point(arr: np.ndarray, zp: np.ndarray | None) -> np.ndarray | int:
-    """A per-channel zero point lies along one axis of the weight (axis 0 for weights)."""
-    if zp is None or zp.size == 1:
-        return 0 if zp is None else zp.reshape(()).astype(arr.dtype)
-    axis = next(i for i, n in enumerate(arr.shape) if n == zp.size)
+    """A per-channel zero point lies along one axis of the weight (axis 0 for conv weights)."""
+    if zp is None:
+        return 0
+    if zp.size == 1 or np.all(zp == zp.flat[0]):  # symmetric int8: all zero
+        return zp.flat[0].astype(arr.dtype)
+    axis = next((i for i, n in enumerate(arr.shape) if n == zp.size), 0)
     shape = [1] * arr.ndim
     shape[axis] = zp.size
     return zp.reshape(shape)

@@ -97,6 +97,18 @@ def test_nonzero_sees_torch_prune_masks():
     assert nonzero == total - 32 * 64 // 2
 
 
+def test_int8_weight_buffers_count_as_the_weights_they_replace():
+    from torchslim.compress.runtime import int8_weight_only
+
+    model = mlp()
+    fp32_total, _ = count_params(model)
+    fp32_bytes = state_dict_bytes(model.state_dict())
+    int8, _ = int8_weight_only(mlp())
+    assert count_params(int8)[0] == fp32_total
+    # as fp32 the int8 weights take 4 bytes each again, plus the per-channel scales
+    assert fp32_bytes < state_dict_bytes(int8.state_dict()) < fp32_bytes + 4 * (32 + 10) + 1024
+
+
 # ------------------------------------------------------------------------------- MACs
 
 
