@@ -197,11 +197,15 @@ def _quantize_onnx(module, cfg, shape, data, meta, before, out, force, inputs, k
         after = {"params": before["params"], "macs": before["macs"], "accuracy": acc,
                  "runtime": "onnxruntime", "int8_ops": sum(ops["int8_ops"].values()),
                  "fp32_compute_ops": len(fallbacks)}
+        if keep_fp32:  # the fp32 export with the source's own metadata, for comparisons
+            final32 = oq.write_metadata(fp32, tmp / "fp32-meta.onnx", meta.to_dict(),
+                                        macs=before["macs"])
+            kept = atomic_write(Path(keep_fp32), lambda t: shutil.copyfile(final32, t),
+                                force=force, inputs=inputs)
         meta.history.append(_history(cfg, before, after, notes, fallbacks))
         _write_onnx(q, tmp, meta, out, force, inputs)
-        kept = _keep(fp32, keep_fp32, force, inputs) if keep_fp32 else None
     return QuantResult(out, cfg.mode, "onnxruntime", meta, fallbacks, ops["int8_ops"], notes,
-                       accuracy_after=acc, fp32_onnx=kept)
+                       accuracy_after=acc, fp32_onnx=kept if keep_fp32 else None)
 
 
 def _preprocessed(fp32: Path, tmp: Path, notes: list[str]) -> Path:
@@ -223,16 +227,11 @@ def _write_onnx(q: Path, tmp: Path, meta: ModelMeta, out: Path, force, inputs) -
     size = q.stat().st_size
     for _ in range(4):  # converges in two rounds: only the size's digits can change
         meta.history[-1]["after"]["file_bytes"] = size
-        oq.write_metadata(q, final, meta.to_dict())
+        oq.write_metadata(q, final, meta.to_dict(), macs=meta.history[-1]["before"]["macs"])
         if final.stat().st_size == size:
             break
         size = final.stat().st_size
     atomic_write(out, lambda t: shutil.copyfile(final, t), force=force, inputs=inputs)
-
-
-def _keep(fp32: Path, dest, force, inputs) -> Path:
-    return atomic_write(Path(dest), lambda t: shutil.copyfile(fp32, t), force=force,
-                        inputs=inputs)
 
 
 def _qat_finetune(module, cfg, data):
@@ -271,3 +270,51 @@ def _quantize_torch(module, cfg, shape, data, meta, before, out, force, inputs, 
     save_model(qmodel, out, meta, force=force, inputs=inputs)
     after["file_bytes"] = out.stat().st_size
     return QuantResult(out, cfg.mode, "torch", meta, kept, {}, notes, accuracy_after=acc)
+
+
+# --- comparison: same runtime and fastest fp32 ------------------------------------------------
+
+
+def compare(
+    fp32: LoadedModel | nn.Module,
+    result: QuantResult,
+    *,
+    data=None,
+    input_shape: tuple[int, ...] | None = None,
+    threads: int | None = None,
+    batch_size: int = 32,
+    min_run_time: float | None = None,
+) -> list[dict]:
+    """Measure fp32 torch eager, fp32 ONNX Runtime and the quantized artifact in one run.
+
+    ``fp32`` is the source model (a LoadedModel also gives its file size).
+
+    Each row (a Measurement dict) gains ``precision``, ``speedup_vs_fastest_fp32`` and
+    ``speedup_vs_fp32_same_runtime``, so no speed-up is claimed against a slow baseline.
+    """
+    from .io import load_model
+    from .measure import measure
+
+    shape = tuple(input_shape or result.meta.input_shape)
+    kw = {"input_shape": shape, "data": data, "threads": threads, "batch_size": batch_size,
+          "min_run_time": min_run_time}
+    module = fp32.model if isinstance(fp32, LoadedModel) else fp32
+    rows = [_row(measure(fp32, name="fp32 torch eager", **kw), "fp32")]
+    with tempfile.TemporaryDirectory(prefix="torchslim-cmp-") as tmp:
+        fp32_onnx = result.fp32_onnx or oq.export_onnx(copy.deepcopy(module).float(), shape,
+                                                       Path(tmp) / "fp32.onnx")
+        rows.append(_row(measure(load_model(fp32_onnx), name="fp32 onnxruntime", **kw), "fp32"))
+    quant = measure(load_model(result.path), name=f"{result.mode} {result.path.name}", **kw)
+    rows.append(_row(quant, result.mode))
+    fastest = min(r["latency_ms_median"] for r in rows if r["precision"] == "fp32")
+    for r in rows:
+        same = next(x for x in rows if x["precision"] == "fp32" and x["runtime"] == r["runtime"])
+        r["speedup_vs_fastest_fp32"] = fastest / r["latency_ms_median"]
+        r["speedup_vs_fp32_same_runtime"] = same["latency_ms_median"] / r["latency_ms_median"]
+    return rows
+
+
+def _row(m, precision: str) -> dict:
+    d = m.to_dict()
+    d["precision"] = precision
+    return d

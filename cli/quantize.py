@@ -1,0 +1,168 @@
+"""`torchslim quantize`: int8 that really runs int8 (ONNX Runtime), or smaller torch weights."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from tabulate import tabulate
+
+from ..compress.data import check_classes
+from ..compress.quantize import CALIBRATIONS, MODES, QuantizeConfig, compare, quantize_model
+from .common import (
+    ArchOpt,
+    ChannelsOpt,
+    DataOpt,
+    ForceOpt,
+    FormatOpt,
+    ImageSizeOpt,
+    InChannelsOpt,
+    InputShapeOpt,
+    NumClassesOpt,
+    OutOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TrustOpt,
+    check_format,
+    command,
+    open_data,
+    open_model,
+    parse_input_shape,
+    stderr_console,
+    stdout_console,
+)
+from .render import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+
+EPILOG = (
+    "Examples:\n\n"
+    "  torchslim quantize pd.pt --mode static --data digits -o pd-int8.onnx\n\n"
+    "  torchslim quantize lstm.pt --mode dynamic -o lstm-int8.onnx\n\n"
+    "  torchslim quantize pd.pt --mode bf16 -o pd-bf16.pt\n\n"
+    "static/dynamic/qat write an ONNX file run by ONNX Runtime with int8 kernels; "
+    "weight-only/fp16/bf16 write a torchslim .pt. `torchslim report` reads both."
+)
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+COLUMNS = [
+    ("model", "model", str),
+    ("runtime", "runtime", str),
+    ("params", "params", fmt_count),
+    ("file_bytes", "file", fmt_bytes),
+    ("macs", "MACs", fmt_count),
+    ("latency_ms_median", "ms b1", fmt_ms),
+    ("batch_latency_ms_median", "ms bN", fmt_ms),
+    ("accuracy", "top-1 %", fmt_pct),
+    ("speedup_vs_fp32_same_runtime", "vs fp32 same rt", _x),
+    ("speedup_vs_fastest_fp32", "vs fastest fp32", _x),
+]
+
+
+def _render(rows: list[dict], fmt: str) -> None:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    body = [[f(r.get(k)) for k, _, f in cols] for r in rows]
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    elif fmt in ("markdown", "csv"):
+        tablefmt = "github" if fmt == "markdown" else "tsv"
+        typer.echo(tabulate(body, headers=[h for _, h, _ in cols], tablefmt=tablefmt))
+    else:
+        table = Table(title="torchslim quantize", header_style="bold cyan")
+        for i, (_, h, _) in enumerate(cols):
+            table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        for line in body:
+            table.add_row(*line)
+        stdout_console.print(table)
+
+
+def _summary(res, fmt: str) -> None:
+    if fmt == "json":
+        return
+    lines = [f"wrote {res.path} ({res.mode}, runs on {res.runtime})"]
+    if res.int8_ops:
+        lines.append("int8 kernels: " + ", ".join(f"{k} x{v}" for k, v in res.int8_ops.items()))
+    lines.append("fp32 fallback: " + (", ".join(res.fallbacks) if res.fallbacks else "none"))
+    lines += [f"note: {n}" for n in res.notes]
+    for line in lines:
+        typer.echo(line)
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "quantize", epilog=EPILOG)
+    def quantize_cmd(
+        model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model to quantize.")],
+        output: OutOpt,
+        mode: Annotated[str, typer.Option(help=f"{' | '.join(MODES)}.")] = "static",
+        backend: Annotated[str, typer.Option(
+            help="auto | onnxruntime (static, dynamic, qat) | torch (weight-only, fp16, bf16)."
+        )] = "auto",
+        data: DataOpt = None,
+        calib_batches: Annotated[int, typer.Option(
+            help="Calibration batches (of 32 training samples) for static/qat.")] = 8,
+        calibrate: Annotated[str, typer.Option(
+            help=f"Activation range method: {' | '.join(CALIBRATIONS)}.")] = "minmax",
+        per_channel: Annotated[bool, typer.Option(
+            "--per-channel/--per-tensor", help="Weight scales per output channel.")] = True,
+        exclude: Annotated[list[str] | None, typer.Option(
+            help="ONNX node name to keep in fp32 (repeatable).")] = None,
+        qat_epochs: Annotated[int, typer.Option(help="Fake-quant fine-tune epochs (qat).")] = 3,
+        qat_lr: Annotated[float, typer.Option(help="Fine-tune learning rate (qat).")] = 5e-4,
+        compare_runtimes: Annotated[bool, typer.Option(
+            "--compare/--no-compare",
+            help="Measure fp32 torch, fp32 ONNX Runtime and the result in one run.")] = True,
+        threads: ThreadsOpt = None,
+        batch_size: Annotated[int, typer.Option(help="Larger batch for latency.")] = 32,
+        fmt: FormatOpt = "table",
+        image_size: ImageSizeOpt = None,
+        channels: ChannelsOpt = None,
+        input_shape: InputShapeOpt = None,
+        seed: SeedOpt = 0,
+        force: ForceOpt = False,
+        trust: TrustOpt = False,
+        arch: ArchOpt = None,
+        num_classes: NumClassesOpt = None,
+        in_channels: InChannelsOpt = None,
+    ) -> None:
+        """Quantize a model to int8 / fp16 / bf16 and compare it with fp32 on every runtime."""
+        check_format(fmt)
+        cfg = QuantizeConfig(
+            mode=mode, backend=backend, calib_batches=calib_batches, per_channel=per_channel,
+            calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
+            qat_lr=qat_lr, seed=seed,
+        )
+        shape = parse_input_shape(input_shape)
+        loaded = open_model(model_path, trust=trust, arch=arch, num_classes=num_classes,
+                            in_channels=in_channels, input_shape=shape)
+        split = None
+        if data:
+            split = open_data(data, image_size=image_size, channels=channels, seed=seed,
+                              like=loaded)
+        with tempfile.TemporaryDirectory(prefix="torchslim-quantize-") as tmp:
+            keep = Path(tmp) / "fp32.onnx" if compare_runtimes and cfg.suffix == ".onnx" else None
+            with stderr_console.status(f"quantizing ({cfg.mode}, {cfg.runtime})..."):
+                if split is not None and loaded.model is not None:
+                    _check_data(loaded, split, shape)
+                res = quantize_model(loaded, cfg, out_path=output, data=split, force=force,
+                                     input_shape=shape, keep_fp32_onnx=keep)
+            if compare_runtimes:
+                with stderr_console.status("measuring fp32 and quantized on each runtime..."):
+                    rows = compare(loaded, res, data=split, threads=threads,
+                                   batch_size=batch_size)
+                _render(rows, fmt)
+        _summary(res, fmt)
+
+
+def _check_data(loaded, split, shape) -> None:
+    import torch
+
+    sample = shape or loaded.meta.input_shape or split.input_shape
+    with torch.no_grad():
+        out = loaded.model.eval()(torch.zeros(1, *sample))
+    check_classes(out.shape[-1], split)
