@@ -202,24 +202,29 @@ def measure_latency(fn: Callable, example_input, *, threads: int,
     times. Torch's intra-op thread count is set to ``threads`` and restored afterwards. Any
     callable works, so onnxruntime sessions get the very same statistics.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            for _ in range(WARMUP_CALLS):  # first calls allocate and pick kernels
-                fn(example_input)
-                if time.perf_counter() - start > min_run_time / 2:
-                    break  # a slow model is warm after one call; keep report quick
-            timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": example_input},
-                                    num_threads=threads)
-            m = timer.blocked_autorange(min_run_time=min_run_time)
-    finally:
-        torch.set_num_threads(previous)
+    with _torch_threads(threads), torch.inference_mode():
+        start = time.perf_counter()
+        for _ in range(WARMUP_CALLS):  # first calls allocate and pick kernels
+            fn(example_input)
+            if time.perf_counter() - start > min_run_time / 2:
+                break  # a slow model is warm after one call; keep report quick
+        timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": example_input},
+                                num_threads=threads)
+        m = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = np.asarray(m.times) * 1e3
     return LatencyStats(median_ms=float(np.median(times_ms)),
                         p90_ms=float(np.percentile(times_ms, 90)),
                         runs=len(m.times) * m.number_per_run)
+
+
+@contextmanager
+def _torch_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------- environment
@@ -553,7 +558,8 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
     subject, files, meta_shape = _open(target, threads)
     name = name or subject.default_name
     shape = _resolve_shape(input_shape, meta_shape, subject, data, name)
-    with _eval_mode(getattr(subject, "model", None)):
+    # every step runs on the recorded thread count, accuracy and MAC counting included
+    with _eval_mode(getattr(subject, "model", None)), _torch_threads(threads):
         example = _example(shape, 1, subject.dtype)
         out = _trial(subject, example, name)
         if data is not None:

@@ -47,6 +47,7 @@ def main() -> None:
         path = save_model(model, Path(tmp) / "resnet18.pt", ModelMeta(input_shape=shape))
         t_load, loaded = timed(lambda: load_model(path))
         net = loaded.model.eval()
+        torch.set_num_threads(args.threads)  # what measure() does for all of its steps
         x1 = torch.randn(1, *shape)
         xb = torch.randn(args.batch_size, *shape)
         rows = [
@@ -73,7 +74,7 @@ def main() -> None:
     rows += [
         ("measure() without --data", t_bare),
         ("measure() with --data digits", t_data),
-        ("  of which overhead (not latency timing)", t_data - latency),
+        ("measure() with --data minus latency timing", t_data - latency),
     ]
     print(f"ResNet-18 stand-in from the registry: {rec.params / 1e6:.2f} M params, "
           f"{rec.macs / 1e6:.1f} M MACs at {'x'.join(map(str, shape))}, "

@@ -233,8 +233,10 @@ def test_environment_records_what_latency_depends_on():
 
 
 def test_measure_record_on_real_data(trained_mlp, digits):
+    torch.set_num_threads(2)
     rec = measure(trained_mlp, name="mlp", data=digits, threads=1, batch_size=8,
                   min_run_time=TINY)
+    assert torch.get_num_threads() == 2 and rec.threads == rec.env["threads"] == 1
     assert rec.params == rec.nonzero_params == 64 * 32 + 32 + 32 * 10 + 10
     assert rec.macs == 64 * 32 + 32 * 10
     assert rec.input_shape == (1, 8, 8)
