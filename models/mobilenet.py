@@ -146,6 +146,6 @@ def mobilenetv3_small(
 
 @register_model(default_size=(8, 8))
 def mobilenet_tiny(*, num_classes: int, in_channels: int, input_size: Sequence[int]) -> nn.Module:
-    """Four MobileNetV3 blocks (8-24 ch, SE, Hardswish), ~10 k params: for tests."""
+    """Four MobileNetV3 blocks (8-24 ch, SE, Hardswish), ~16 k params: for tests."""
     del input_size
     return MobileNetV3(num_classes, in_channels, V3_TINY, 8, 64, 64)
