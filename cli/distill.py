@@ -83,11 +83,13 @@ def _load_resume(path: Path | None) -> dict | None:
         raise TorchslimError(f"--resume {path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or not ours
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise TorchslimError(f"--resume {path}: not a readable checkpoint ({first})") from None
-    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
-        raise TorchslimError(f"--resume {path}: not a torchslim distill checkpoint")
+    except Exception:  # corrupt, truncated, or a pickle of objects: not ours either way
+        state = None
+    if not isinstance(state, dict) or "epoch" not in state or "optimizer" not in state:
+        raise TorchslimError(
+            f"--resume {path}: not a torchslim distill checkpoint; pass the OUTPUT.ckpt file "
+            "an interrupted `torchslim distill` run left behind"
+        )
     return state
 
 

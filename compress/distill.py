@@ -268,6 +268,8 @@ def distill(
         build_feature_loss(teacher, student, cfg.matches, example, cfg.feature_weight)
         if cfg.matches else None
     )
+    if resume is not None:
+        _check_resume(resume, student)
     if feature is not None and resume is not None and "adapters" in resume:
         feature.adapters.load_state_dict(resume["adapters"])
     cb = _with_adapter_state(callbacks, feature)
@@ -286,6 +288,17 @@ def distill(
         if feature is not None:
             feature.detach()
     return student, result
+
+
+def _check_resume(state: dict, student: nn.Module) -> None:
+    try:
+        student.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:150]
+        raise TorchslimError(
+            f"--resume: the checkpoint does not fit this student ({first}); resume with the "
+            "same --student and options as the interrupted run"
+        ) from None
 
 
 def _with_adapter_state(callbacks: Callbacks | None, feature: FeatureLoss | None) -> Callbacks:
