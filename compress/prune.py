@@ -277,21 +277,32 @@ def prune_step(pruner, model: nn.Module) -> int:
 
 
 def _prune_groups(pruner) -> int:
-    dg, removed = pruner.DG, 0
+    _refuse_empty_layers(pruner.DG)
+    removed = 0
     for group in pruner.step(interactive=True):
-        dep, idxs = group[0]
-        layer = dep.target.module
-        channels = dg.get_out_channels(layer) if dg.is_out_channel_pruning_fn(dep.handler) \
-            else dg.get_in_channels(layer)
-        if channels is not None and len(idxs) >= channels:
-            name = dg._module2name.get(layer, type(layer).__name__)
-            raise TorchslimError(
-                f"this would remove all {channels} channels of layer {name!r}; use a smaller "
-                f"--ratio/--target-macs, --local instead of --global, or --ignore {name}"
-            )
-        removed += len(idxs)
+        removed += len(group[0][1])
         group.prune()
     return removed
+
+
+def _refuse_empty_layers(dg) -> None:
+    """torch-pruning silently skips a group that would lose every channel, leaving that
+    layer unpruned; we make it an error the user can act on (and the MACs search sees)."""
+    original = dg.check_pruning_group
+
+    def check(group) -> bool:
+        if original(group):
+            return True
+        dep, idxs = group[0]
+        layer = dep.target.module
+        name = dg._module2name.get(layer, type(layer).__name__)
+        raise TorchslimError(
+            f"this would remove all {len(idxs)} channels of layer {name!r}; use a smaller "
+            f"--ratio/--target-macs, --local instead of --global, or --ignore {name}"
+        )
+
+    if getattr(original, "__name__", "") != "check":
+        dg.check_pruning_group = check
 
 
 def taylor_gradients(model: nn.Module, data, batches: int = 4, batch_size: int = 64) -> None:
@@ -331,7 +342,7 @@ def _modules_for(model: nn.Module, ratios_by_name) -> dict[nn.Module, float]:
     return {m: float(r) for m, r in zip(layers, ratios_by_name.values(), strict=True)}
 
 
-def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 12) -> float:
+def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 10) -> float:
     """Smallest channel ratio whose pruned copy keeps <= target_macs of the MACs.
 
     Bisection on deep copies: MACs fall monotonically with the ratio, and a ratio that
