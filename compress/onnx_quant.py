@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -55,7 +56,8 @@ def _quiet() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -76,10 +78,17 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Pat
             )
     except Exception as exc:  # the exporter raises many types; its reason is what matters
         raise TorchslimError(
-            f"cannot export the model to ONNX: {first_line(exc)}; make forward() traceable "
+            f"cannot export the model to ONNX: {_root_cause(exc)}; make forward() traceable "
             "by torch.export (no data-dependent Python control flow)"
         ) from exc
     return _strip_debug_info(path)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The exporter wraps torch.export's error in pages of advice; the innermost says why."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))
 
 
 def _strip_debug_info(path: Path) -> Path:
