@@ -358,3 +358,15 @@ def test_onnx_int8_counts_weights_once(onnx_file, tmp_path, trained_mlp):
     assert rec.state_dict_bytes == pytest.approx(fp32.state_dict_bytes, rel=0.02)
     assert rec.file_bytes < 0.6 * fp32.file_bytes  # 1 byte per weight, plus graph overhead
     assert rec.nonzero_params >= 0.95 * rec.params  # int8 zeros are zero-point values
+
+
+def test_onnx_with_fixed_batch_measures_batch_one_only(tmp_path, trained_mlp, digits):
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(trained_mlp, (torch.randn(1, 1, 8, 8),), str(path), dynamo=True,
+                      external_data=False, verbose=False)
+    rec = measure(load_model(path), data=digits, threads=1, min_run_time=TINY)
+    eager = measure(trained_mlp, data=digits, threads=1, min_run_time=TINY)
+    assert rec.file_bytes == path.stat().st_size  # one file, weights inline
+    assert rec.batch_latency_ms_median is None and "fixed batch of 1" in rec.notes[0]
+    assert rec.latency_ms_median > 0
+    assert rec.accuracy == pytest.approx(eager.accuracy)  # evaluated one image at a time

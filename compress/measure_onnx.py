@@ -1,0 +1,143 @@
+"""The ONNX side of measurement: run a .onnx file in onnxruntime and count its weights.
+
+Parameters are the initializers that hold weights, dtype-aware: float tensors, and int8/uint8
+tensors that quantisation ops read as weights (their "zero" is the zero point); int64 shape
+constants, scalars and quantisation scales/zero points are not parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TorchslimError
+from .measure import MACS_METADATA_KEY, _first_line, state_dict_bytes
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(double)": np.float64}
+# Per op: {quantized input index: its zero-point input index} and the inputs that are
+# quantisation scales/zero points (not parameters of the model).
+_QUANT_INPUTS: dict[str, tuple[dict[int, int], set[int]]] = {
+    "QuantizeLinear": ({}, {1, 2}),
+    "DequantizeLinear": ({0: 2}, {1, 2}),
+    "MatMulInteger": ({0: 2, 1: 3}, {2, 3}),
+    "ConvInteger": ({0: 2, 1: 3}, {2, 3}),
+    "QLinearMatMul": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+    "QLinearConv": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+}
+
+
+class OnnxSubject:
+    """An ONNX file run by onnxruntime on CPU with ``threads`` intra-op threads."""
+
+    runtime = "onnxruntime"
+    dtype = torch.float32
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's exceptions derive from Exception only
+            raise TorchslimError(f"onnxruntime cannot run {path}: {_first_line(exc)}; "
+                                 "re-export the model (opset 17 or newer)") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise TorchslimError(f"{path} has {len(inputs)} inputs; torchslim measures "
+                                 "single-input models only")
+        dims = inputs[0].shape
+        self.input_name = inputs[0].name
+        self.np_dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
+        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
+        static = all(isinstance(d, int) for d in dims[1:])
+        self.static_shape = tuple(dims[1:]) if static and len(dims) > 1 else None
+        self.default_name = Path(path).name
+        self.proto, self.files = _load_onnx_proto(Path(path))
+
+    def timed(self, x: np.ndarray):
+        return self.session.run(None, {self.input_name: x})
+
+    def prepare(self, x: torch.Tensor) -> np.ndarray:
+        return x.numpy().astype(self.np_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.from_numpy(self.timed(self.prepare(x))[0])
+        except Exception as exc:  # InvalidArgument/Fail: make them look like torch's errors
+            raise RuntimeError(_first_line(exc)) from exc
+
+    def _weights(self) -> list[tuple[np.ndarray, np.ndarray | int]]:
+        """(array, zero point) of each initializer that is a model parameter."""
+        from onnx import numpy_helper
+
+        graph = self.proto.graph
+        zero_point_of: dict[str, str | None] = {}
+        quant_meta: set[str] = set()
+        for node in graph.node:
+            data_to_zp, meta = _QUANT_INPUTS.get(node.op_type, ({}, set()))
+            for i, name in enumerate(node.input):
+                if i in meta:
+                    quant_meta.add(name)
+                elif i in data_to_zp:
+                    zp = data_to_zp[i]
+                    zero_point_of[name] = node.input[zp] if zp < len(node.input) else None
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        weights = []
+        for name, arr in inits.items():
+            if name in quant_meta:
+                continue
+            if name in zero_point_of:  # quantized weight: zero is its zero point
+                zp = inits.get(zero_point_of[name] or "")
+                weights.append((arr, _broadcast_zero_point(arr, zp)))
+            elif arr.dtype.kind == "f" and arr.ndim > 0:
+                weights.append((arr, 0))  # int64 shapes and 0-d scales are constants
+        return weights
+
+    def count_params(self) -> tuple[int, int]:
+        weights = self._weights()
+        total = sum(int(a.size) for a, _ in weights)
+        nonzero = sum(int(np.count_nonzero(a != zp)) for a, zp in weights)
+        return total, nonzero
+
+    def state_dict_bytes(self) -> int:
+        state = {str(i): torch.from_numpy(a.astype(np.float32))
+                 for i, (a, _) in enumerate(self._weights())}
+        return state_dict_bytes(state)
+
+    def macs(self, example: torch.Tensor) -> int | None:
+        props = {p.key: p.value for p in self.proto.metadata_props}
+        value = props.get(MACS_METADATA_KEY)
+        return int(value) if value and value.isdigit() else None
+
+
+def _load_onnx_proto(path: Path):
+    """The graph with its weights, and every file it is made of: torch's dynamo exporter
+    writes the weights beside the graph (``model.onnx.data``), and both are the model's size.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = onnx.load(str(path), load_external_data=False)
+    external = {path.parent / e.value for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+    load_external_data_for_model(proto, str(path.parent))
+    return proto, [path, *sorted(external)]
+
+
+def _broadcast_zero_point(arr: np.ndarray, zp: np.ndarray | None) -> np.ndarray | int:
+    """A per-channel zero point lies along one axis of the weight (axis 0 for conv weights)."""
+    if zp is None:
+        return 0
+    if zp.size == 1 or np.all(zp == zp.flat[0]):  # symmetric int8: all zero
+        return zp.flat[0].astype(arr.dtype)
+    axis = next((i for i, n in enumerate(arr.shape) if n == zp.size), 0)
+    shape = [1] * arr.ndim
+    shape[axis] = zp.size
+    return zp.reshape(shape)
