@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         min_channels: Annotated[int, typer.Option(
             help="Swap only convs with at least N input channels (the stem stays).")] = 4,
         skip: Annotated[list[str] | None, typer.Option(
-            help="Module name left as is (repeat). See `torchslim report --layers`.")] = None,
+            help="Module name left as is, e.g. features.3 (repeat).")] = None,
         act: Annotated[str, typer.Option(
             help="none | hard (Sigmoid/SiLU/Tanh/GELU -> hard forms) | relu6 (ReLU -> ReLU6).")
         ] = "none",

@@ -9,6 +9,7 @@ which equals one full-batch step.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,9 +127,12 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise TorchslimError(
-            f"--match: no layer {name!r} in the model; list layer names with "
-            "`torchslim report MODEL --layers` (or model.named_modules())"
+            f"--match: no layer {name!r} in the model{hint}; use the dotted names "
+            "model.named_modules() gives, e.g. features.3"
         ) from None
 
 

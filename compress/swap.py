@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import inspect
 import textwrap
 from collections import OrderedDict
@@ -130,12 +131,14 @@ def swap_model(
 
 
 def check_skip_names(model: nn.Module, skip) -> None:
-    names = {name for name, _ in model.named_modules() if name}
+    names = [name for name, _ in model.named_modules() if name]
     unknown = [s for s in skip if s not in names]
     if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise TorchslimError(
-            f"--skip {', '.join(unknown)}: no such module in the model; "
-            "use names as `torchslim report --layers` or model.named_modules() print them"
+            f"--skip {', '.join(unknown)}: no such module in the model{hint}; use the dotted "
+            "names model.named_modules() gives, e.g. features.3"
         )
 
 
