@@ -188,8 +188,9 @@ def register(app: typer.Typer) -> None:
         before, mid_rec = numbers(model, example, split), numbers(swapped, example, split)
         meta = copy.deepcopy(loaded.meta)
         meta.input_shape = meta.input_shape or tuple(example.shape[1:])
-        meta.history.append(history_entry("swap", config_to_dict(cfg), before, mid_rec,
-                                          _layer_notes(report)))
+        entry = history_entry("swap", config_to_dict(cfg), before, mid_rec, _layer_notes(report))
+        entry["layers"] = report.to_dict()["layers"]  # per-layer errors, machine-readable
+        meta.history.append(entry)
         after = None
         if epochs:
             dcfg, result = _recover(model, swapped, split, epochs, lr, batch_size,

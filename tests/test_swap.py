@@ -214,6 +214,8 @@ def test_cli_swap_writes_reloadable_model_with_history(trained, tmp_path):
     loaded = load_model(out)  # no --trust: only torch.nn classes
     assert [h["method"] for h in loaded.meta.history] == ["swap", "distill"]
     assert any("weight err" in n for n in loaded.meta.history[0]["notes"])
+    errors = [layer["out_error"] for layer in loaded.meta.history[0]["layers"]]
+    assert len(errors) == 2 and all(0 < e < 0.5 for e in errors)
     assert isinstance(loaded.model[2].depthwise, nn.Conv2d)
 
 
