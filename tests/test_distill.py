@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -151,6 +152,12 @@ def test_cli_distill_table_and_errors(teacher, tmp_path):
     assert not bad.exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:  # several test runs may share this machine
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_torchrun_two_processes_match_one(teacher, tmp_path):
@@ -166,7 +173,8 @@ def test_torchrun_two_processes_match_one(teacher, tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable),
                                                         "torchrun")
     two = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", "29533", "-m", "torchslim", *args,
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "torchslim",
+         *args,
          "-o", str(tmp_path / "ddp.pt")],
         capture_output=True, text=True, env=env, timeout=300,
     )
