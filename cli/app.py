@@ -11,7 +11,10 @@ from .. import __version__
 from . import common
 
 # Each module defines register(app); the order is the order `--help` lists them.
-COMMAND_MODULES = ["demo", "report", "train", "models", "prune", "swap", "distill", "quantize"]
+COMMAND_MODULES = [
+    "demo", "compress", "report", "train", "models", "prune", "swap", "distill",
+    "quantize",
+]
 
 app = typer.Typer(
     name="torchslim",

@@ -28,7 +28,8 @@ from ..compress.io import LoadedModel, load_model
 from ..compress.train import Callbacks, EpochStats
 
 stderr_console = Console(stderr=True)
-stdout_console = Console()
+# Piped or redirected output gets a wide table rather than rich's 80-column default.
+stdout_console = Console() if Console().is_terminal else Console(width=180)
 
 
 @dataclass

@@ -54,7 +54,12 @@ COLUMNS = [
     ("batch_latency_ms_median", "ms bN (median)", fmt_ms),
     ("accuracy", "top-1 %", fmt_pct),
     ("top5", "top-5 %", fmt_pct),
+    ("fidelity_top1_agreement", "agrees %", fmt_pct),
+    ("fidelity_rel_error", "rel. error", lambda v: "-" if v is None else f"{v:.4f}"),
 ]
+# The terminal table leaves these to markdown/csv/json, to stay readable at ~120 columns.
+FULL_ONLY = {"batch_latency_ms_median", "top5"}
+SPARSE_ONLY = {"nonzero_params", "compressed_bytes"}  # shown when some model has zeros
 
 
 def _ratio(base: float | None, value: float | None) -> float | None:
@@ -88,20 +93,28 @@ RATIO_COLUMNS = [
 ]
 
 
-def _columns(rows: Sequence[dict]) -> list[tuple[str, str, Any]]:
+def _sparse(rows: Sequence[dict]) -> bool:
+    return any((r.get("nonzero_params") or 0) < 0.95 * (r.get("params") or 0) for r in rows)
+
+
+def _columns(rows: Sequence[dict], compact: bool) -> list[tuple[str, str, Any]]:
     """Drop columns that are empty for every row (e.g. accuracy without data)."""
     cols = COLUMNS + (RATIO_COLUMNS if len(rows) > 1 else [])
+    if compact:
+        hide = FULL_ONLY | (set() if _sparse(rows) else SPARSE_ONLY)
+        cols = [c for c in cols if c[0] not in hide]
     return [c for c in cols if any(r.get(c[0]) is not None for r in rows) or c[0] == "model"]
 
 
-def table_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: Sequence[dict], compact: bool = False):
+    """(headers, body) of formatted cells, ratios against the first row included."""
     rows = with_ratios(rows)
-    cols = _columns(rows)
+    cols = _columns(rows, compact)
     return [h for _, h, _ in cols], [[f(r.get(k)) for k, _, f in cols] for r in rows]
 
 
 def rich_table(rows: Sequence[dict], title: str | None = None) -> Table:
-    headers, body = table_rows(rows)
+    headers, body = table_rows(rows, compact=True)
     table = Table(title=title, header_style="bold cyan")
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
@@ -126,17 +139,33 @@ def render_text(rows: Sequence[dict], fmt: str) -> str:
     return tabulate(body, headers=headers, tablefmt="github")
 
 
+def _changed(method: str, cfg: dict) -> dict:
+    """The config values that differ from the method's defaults: what the user chose."""
+    import dataclasses
+
+    from ..compress.config import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None:
+        return cfg
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    norm = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    return {k: v for k, v in cfg.items() if k not in norm or norm[k] != v}
+
+
 def history_rows(history: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """A file's compression history as table rows: step, method, key config, before -> after."""
     headers = ["#", "method", "config", "params", "MACs", "top-1 %", "when"]
     body = []
     for i, h in enumerate(history, 1):
         cfg = {k: v for k, v in (h.get("config") or {}).items() if k != "method"}
+        cfg = _changed(h.get("method", ""), cfg)
         b, a = h.get("before") or {}, h.get("after") or {}
         body.append([
             str(i),
             h.get("method", "?"),
-            ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, "", [], ()))[:60],
+            ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, "", [], ()))[:70],
             f"{fmt_count(b.get('params'))} -> {fmt_count(a.get('params'))}",
             f"{fmt_count(b.get('macs'))} -> {fmt_count(a.get('macs'))}",
             f"{fmt_pct(b.get('accuracy'))} -> {fmt_pct(a.get('accuracy'))}",

@@ -1,0 +1,185 @@
+"""`torchslim compress`: the whole job in one command, one measured row per step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+
+from ..compress.distill import DistillConfig
+from ..compress.io import atomic_write, check_output
+from ..compress.pipeline import Hooks, check_plan, order_steps, output_suffix, run_pipeline
+from ..compress.prune import PruneConfig
+from ..compress.quantize import QuantizeConfig
+from ..compress.recipe import dump_recipe, load_recipe
+from ..compress.swap import SwapConfig
+from .common import (
+    ArchOpt,
+    ChannelsOpt,
+    DataOpt,
+    ForceOpt,
+    ImageSizeOpt,
+    InputShapeOpt,
+    NumClassesOpt,
+    OutOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TrustOpt,
+    command,
+    fit_progress,
+    open_data,
+    open_model,
+    parse_input_shape,
+    stderr_console,
+    stdout_console,
+)
+from .render import render_text, rich_table
+
+EPILOG = (
+    "Examples:\n\n"
+    "  torchslim compress pd.pt -o pd-slim.onnx --data digits --swap --act hard "
+    "--target-macs 0.5 --distill --quantize static\n\n"
+    "  torchslim compress pd.pt -o pd-fp16.pt --quantize fp16   (data-free)\n\n"
+    "  torchslim compress pd.pt -o out.onnx --data digits --recipe slim.toml\n\n"
+    "Steps run swap -> prune -> distill -> quantize, whatever the flag order."
+)
+
+
+def flags_to_configs(*, swap, act, lowrank, prune, target_macs, importance, round_to,
+                     distill, epochs, lr, temperature, alpha, quantize, calib_batches,
+                     seed) -> list:
+    """Command-line flags -> the same config objects the single-method commands use."""
+    configs = []
+    if swap or act or lowrank:
+        configs.append(SwapConfig(
+            conv="depthwise-separable" if swap else "none", act=act or "none",
+            linear="low-rank" if lowrank else "none", rank_ratio=lowrank or 0.25))
+    if prune is not None or target_macs is not None:
+        configs.append(PruneConfig(ratio=prune, target_macs=target_macs,
+                                   importance=importance, round_to=round_to, seed=seed))
+    if distill:
+        configs.append(DistillConfig(epochs=epochs, lr=lr, temperature=temperature,
+                                     alpha=alpha, seed=seed))
+    if quantize:
+        configs.append(QuantizeConfig(mode=quantize, calib_batches=calib_batches, seed=seed))
+    return order_steps(configs)
+
+
+class _LiveTable:
+    """A rich table on stderr that grows one row per finished step."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.live = Live(rich_table([]), console=stderr_console, auto_refresh=False)
+
+    def step(self, outcome) -> None:
+        self.rows.append(outcome.record)
+        self.live.update(rich_table(self.rows, title="torchslim compress"), refresh=True)
+
+    def stage(self, text: str) -> None:
+        stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
+
+
+def report_paths(output: Path) -> tuple[Path, Path]:
+    """The markdown and JSON reports written beside the output."""
+    stem = output.with_suffix("")
+    return stem.with_suffix(".report.md"), stem.with_suffix(".report.json")
+
+
+def _write_reports(result, rows: list[dict], force: bool) -> list[Path]:
+    md, js = report_paths(result.output)
+    steps = [{"step": s.label, "artifact": str(s.artifact), "notes": s.notes, **s.record}
+             for s in result.steps]
+    atomic_write(md, lambda p: p.write_text(render_text(rows, "markdown") + "\n"), force=force)
+    atomic_write(js, lambda p: p.write_text(json.dumps(steps, indent=2, default=str)),
+                 force=force)
+    return [md, js]
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "compress", epilog=EPILOG)
+    def compress_cmd(
+        model: Annotated[Path, typer.Argument(help="Model file to compress.")],
+        output: OutOpt,
+        data: DataOpt = None,
+        swap: Annotated[bool, typer.Option(
+            "--swap", help="Standard KxK convs -> depthwise-separable (SVD-initialised).")] = False,
+        act: Annotated[str | None, typer.Option(
+            help="Activation swap: hard (MobileNetV3 hard-sigmoid/swish) or relu6.")] = None,
+        lowrank: Annotated[float | None, typer.Option(
+            help="Factorise Linear layers by truncated SVD, keeping this rank ratio.")] = None,
+        prune: Annotated[float | None, typer.Option(
+            help="Structured pruning: fraction of channels to remove.")] = None,
+        target_macs: Annotated[float | None, typer.Option(
+            help="Structured pruning to this fraction of the MACs (e.g. 0.5).")] = None,
+        importance: Annotated[str, typer.Option(help="Pruning importance.")] = "l2",
+        round_to: Annotated[int | None, typer.Option(help="Channel multiple.")] = None,
+        distill: Annotated[bool, typer.Option(
+            "--distill", help="Recover accuracy by distillation from the input model.")] = False,
+        epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = 15,
+        lr: Annotated[float, typer.Option(help="Distillation learning rate.")] = 3e-3,
+        temperature: Annotated[float, typer.Option(help="KD temperature.")] = 4.0,
+        alpha: Annotated[float, typer.Option(help="KD soft-loss weight.")] = 0.7,
+        quantize: Annotated[str | None, typer.Option(
+            help="static | dynamic | weight-only | fp16 | bf16 | qat")] = None,
+        calib_batches: Annotated[int, typer.Option(help="Calibration batches.")] = 8,
+        recipe: Annotated[Path | None, typer.Option(
+            help="Steps from a .toml/.yaml/.json recipe instead of flags.")] = None,
+        dump_recipe_to: Annotated[Path | None, typer.Option(
+            "--dump-recipe", help="Write the resolved recipe, to repeat this run exactly.")] = None,
+        image_size: ImageSizeOpt = None,
+        channels: ChannelsOpt = None,
+        input_shape: InputShapeOpt = None,
+        threads: ThreadsOpt = None,
+        min_time: Annotated[float | None, typer.Option(help="Seconds of timing per batch.")] = None,
+        seed: SeedOpt = 0,
+        trust: TrustOpt = False,
+        arch: ArchOpt = None,
+        num_classes: NumClassesOpt = None,
+        force: ForceOpt = False,
+    ) -> None:
+        """Compress MODEL in one pipeline and report every step side by side."""
+        flagged = flags_to_configs(
+            swap=swap, act=act, lowrank=lowrank, prune=prune, target_macs=target_macs,
+            importance=importance, round_to=round_to, distill=distill, epochs=epochs, lr=lr,
+            temperature=temperature, alpha=alpha, quantize=quantize,
+            calib_batches=calib_batches, seed=seed)
+        if recipe is not None and flagged:
+            raise _usage("give steps either as flags or as --recipe, not both")
+        configs = load_recipe(recipe) if recipe is not None else flagged
+        # everything that can be wrong with the plan fails here, before any work
+        warnings = check_plan(configs, has_data=data is not None)
+        if output.suffix.lower() != output_suffix(configs):
+            raise _usage(f"this pipeline writes a {output_suffix(configs)} file; name -o like "
+                         f"model{output_suffix(configs)}")
+        for path in (output, *report_paths(output), dump_recipe_to):
+            if path is not None:
+                check_output(path, force=force, inputs=[model, recipe])
+        for w in warnings:
+            stderr_console.print(f"[yellow]warning:[/] {w}")
+        loaded = open_model(model, trust=trust, arch=arch, num_classes=num_classes,
+                            input_shape=parse_input_shape(input_shape))
+        split = (open_data(data, image_size=image_size, channels=channels, seed=seed,
+                           like=loaded) if data else None)
+        if dump_recipe_to is not None:
+            dump_recipe(configs, dump_recipe_to, force=force)
+        table = _LiveTable()
+        hooks = Hooks(stage=table.stage, step=table.step, training=fit_progress)
+        with table.live:
+            result = run_pipeline(loaded, configs, output, data=split, threads=threads,
+                                  min_run_time=min_time, force=force, hooks=hooks)
+        rows = [s.record for s in result.steps]
+        reports = _write_reports(result, rows, force)
+        stdout_console.print(rich_table(rows, title=f"torchslim compress: {model.name}"))
+        written = [result.output, *([result.fp32_output] if result.fp32_output else []),
+                   *reports]
+        stderr_console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _usage(message: str):
+    from ..compress.errors import UsageError
+
+    return UsageError(message)

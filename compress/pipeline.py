@@ -1,0 +1,262 @@
+"""`compress`: method configs run in the order that makes sense, measured after every step.
+
+swap / low-rank (architecture) -> prune (structure) -> distill (recover accuracy, with the
+input model as teacher) -> quantize (precision, always last). Each step calls its method's
+own function; nothing here re-implements a method.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import config_to_dict
+from .distill import distill
+from .errors import TorchslimError, UsageError
+from .io import LoadedModel, check_output, history_entry, load_model, save_model
+from .lowrank import lowrank_model
+from .measure import _open, measure
+from .prune import prune_model
+from .quantize import quantize_model
+from .swap import swap_model
+
+STAGE = {"swap": 0, "lowrank": 0, "prune": 1, "distill": 2, "quantize": 3}
+ORDER_TEXT = "swap/lowrank -> prune -> distill -> quantize"
+NEEDS_DATA = {"static", "qat"}
+HISTORY_KEYS = ("params", "nonzero_params", "macs", "file_bytes", "accuracy")
+
+
+@dataclass
+class StepOutcome:
+    label: str  # "input", "swap", "prune", ...
+    artifact: Path
+    record: dict[str, Any]  # Measurement.to_dict(), plus fidelity keys without data
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Hooks:
+    """How the pipeline talks to its caller; every hook is optional."""
+
+    stage: Callable[[str], None] | None = None  # a phase starts
+    step: Callable[[StepOutcome], None] | None = None  # a row was measured
+    training: Callable[[str], AbstractContextManager] | None = None  # yields train Callbacks
+
+
+@dataclass
+class PipelineResult:
+    steps: list[StepOutcome]
+    output: Path
+    fp32_output: Path | None  # the last fp32 .pt, kept beside a quantized output
+    warnings: list[str]
+
+
+def order_steps(configs: list) -> list:
+    """Flags may come in any order; run them in stage order (stable within a stage)."""
+    return sorted(configs, key=lambda c: STAGE[c.method])
+
+
+def check_plan(configs: list, *, has_data: bool) -> list[str]:
+    """Reject an invalid pipeline before any work; return warnings worth showing."""
+    if not configs:
+        raise UsageError(
+            "no steps to run: give --swap, --act, --prune, --target-macs, --distill, "
+            "--quantize or --recipe"
+        )
+    for prev, cur in zip(configs, configs[1:], strict=False):
+        if STAGE[cur.method] < STAGE[prev.method]:
+            raise TorchslimError(
+                f"step {cur.method!r} cannot come after {prev.method!r}: steps run "
+                f"{ORDER_TEXT}; reorder the recipe"
+            )
+    if sum(c.method == "quantize" for c in configs) > 1:
+        raise TorchslimError("only one quantize step is possible, and it must be the last")
+    if not has_data:
+        _check_data_free(configs)
+        return ["no --data: steps are not recovered by training, and fidelity to the input "
+                "model (top-1 agreement on generated inputs) stands in for accuracy"]
+    changes = any(STAGE[c.method] < 2 for c in configs)
+    if changes and not any(c.method == "distill" for c in configs):
+        return ["the architecture changes but no --distill step recovers accuracy; "
+                "add --distill"]
+    return []
+
+
+def _check_data_free(configs: list) -> None:
+    for c in configs:
+        if c.method == "distill":
+            raise TorchslimError("--distill trains the compressed model: it needs --data")
+        if c.method == "quantize" and c.mode in NEEDS_DATA:
+            raise TorchslimError(
+                f"--quantize {c.mode} calibrates on real images: add --data, or use "
+                "dynamic, weight-only or fp16"
+            )
+        if c.method == "prune" and c.importance == "taylor":
+            raise TorchslimError("taylor importance needs gradients: add --data, or use l2")
+
+
+def output_suffix(configs: list) -> str:
+    last = configs[-1] if configs else None
+    return last.suffix if last is not None and last.method == "quantize" else ".pt"
+
+
+def run_pipeline(
+    loaded: LoadedModel,
+    configs: list,
+    output: Path,
+    *,
+    data=None,
+    threads: int | None = None,
+    min_run_time: float | None = None,
+    force: bool = False,
+    hooks: Hooks | None = None,
+) -> PipelineResult:
+    """Run ``configs`` on ``loaded``; write the final artifact to ``output`` atomically."""
+    hooks = hooks or Hooks()
+    warnings = check_plan(configs, has_data=data is not None)
+    if output.suffix.lower() != output_suffix(configs):
+        raise UsageError(f"this pipeline writes a {output_suffix(configs)} file; name -o "
+                         f"like model{output_suffix(configs)}")
+    check_output(output, force=force, inputs=[loaded.path])
+    fp32_out = output.with_suffix(".fp32.pt") if output.suffix == ".onnx" else None
+    if fp32_out is not None:
+        check_output(fp32_out, force=force, inputs=[loaded.path])
+    run = _Run(loaded, data, threads, min_run_time, hooks)
+    with tempfile.TemporaryDirectory(prefix=".torchslim-", dir=output.parent) as tmp:
+        run.tmp = Path(tmp)
+        run.measure_input()
+        for i, cfg in enumerate(configs, 1):
+            run.apply(i, cfg)
+        os.replace(run.steps[-1].artifact, output)
+        run.steps[-1].artifact = output
+        if fp32_out is not None and run.last_pt is not None:
+            os.replace(run.last_pt, fp32_out)
+    return PipelineResult(run.steps, output, fp32_out, warnings)
+
+
+class _Run:
+    """The state one pipeline run carries from step to step."""
+
+    def __init__(self, loaded: LoadedModel, data, threads, min_run_time, hooks: Hooks):
+        from .io import require_module
+
+        self.teacher = copy.deepcopy(require_module(loaded, "compress")).float().eval()
+        self.model = copy.deepcopy(self.teacher)
+        self.loaded, self.data, self.hooks = loaded, data, hooks
+        self.threads, self.min_run_time = threads, min_run_time
+        self.meta = copy.deepcopy(loaded.meta)
+        shape = self.meta.input_shape or (data.input_shape if data else None)
+        if not shape:
+            raise TorchslimError("input shape unknown; pass --input-shape C,H,W or --data")
+        self.meta.input_shape = tuple(shape)
+        if data is not None and not self.meta.class_names:
+            self.meta.class_names = list(data.class_names)
+        self.steps: list[StepOutcome] = []
+        self.tmp: Path | None = None
+        self.last_pt: Path | None = None
+
+    # -- measuring ----------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.hooks.stage:
+            self.hooks.stage(text)
+
+    def _measure(self, label: str, path: Path, notes: list[str]) -> StepOutcome:
+        self._say(f"measuring {label}")
+        target = load_model(path)
+        rec = measure(target, name=label, input_shape=self.meta.input_shape, data=self.data,
+                      threads=self.threads, min_run_time=self.min_run_time).to_dict()
+        if self.data is None:
+            rec.update(fidelity(self.teacher, target, self.meta.input_shape))
+        outcome = StepOutcome(label, path, rec, notes)
+        self.steps.append(outcome)
+        if self.hooks.step:
+            self.hooks.step(outcome)
+        return outcome
+
+    def measure_input(self) -> None:
+        if self.loaded.kind == "torchslim":
+            self._measure("input", self.loaded.path, [])
+            return
+        path = save_model(self.model, self.tmp / "step0-input.pt", copy.deepcopy(self.meta))
+        self._measure("input", path, [f"converted from a {self.loaded.kind} file"])
+
+    # -- steps --------------------------------------------------------------------------
+    def apply(self, i: int, cfg) -> None:
+        label = cfg.method
+        self._say(f"step {i}: {label}")
+        before = {k: self.steps[-1].record.get(k) for k in HISTORY_KEYS}
+        if cfg.method == "quantize":
+            self._quantize(i, cfg, before)
+            return
+        notes = getattr(self, f"_{cfg.method}")(cfg)
+        entry = history_entry(cfg.method, config_to_dict(cfg), before, {}, notes)
+        self.meta.history.append(entry)
+        path = self.tmp / f"step{i}-{label}.pt"
+        save_model(self.model, path, self.meta)
+        outcome = self._measure(label, path, notes)
+        entry["after"] = {k: outcome.record.get(k) for k in HISTORY_KEYS}
+        save_model(self.model, path, self.meta, force=True)  # now with the measured numbers
+        outcome.record["file_bytes"] = path.stat().st_size
+        self.last_pt = path
+
+    def _swap(self, cfg) -> list[str]:
+        example = self.data.train.tensors[0][:256] if self.data is not None else None
+        self.model, report = swap_model(self.model, cfg, example)
+        return list(report.notes) + [
+            f"{lay.name}: relative error {lay.rel_error:.3f}" for lay in report.layers
+            if getattr(lay, "rel_error", None) is not None
+        ][:20]
+
+    def _lowrank(self, cfg) -> list[str]:
+        self.model, report = lowrank_model(self.model, cfg)
+        return list(report.notes)
+
+    def _prune(self, cfg) -> list[str]:
+        shape = self.meta.input_shape
+        example = (self.data.train.tensors[0][:1] if self.data is not None
+                   else torch.zeros(1, *shape))
+        self.model, report = prune_model(self.model, cfg, example, data=self.data,
+                                         on_stage=self._say)
+        ratio = f"channel ratio {report.ratio:.3f}" if report.ratio is not None else None
+        return [n for n in [ratio, *report.notes] if n]
+
+    def _distill(self, cfg) -> list[str]:
+        ctx = self.hooks.training("recovering by distillation") if self.hooks.training \
+            else nullcontext(None)
+        with ctx as callbacks:
+            self.model, result = distill(self.teacher, self.model, self.data, cfg, callbacks)
+        self.model.eval()
+        return [f"best validation top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}"]
+
+    def _quantize(self, i: int, cfg, before: dict) -> None:
+        path = self.tmp / f"step{i}-quantize{cfg.suffix}"
+        res = quantize_model(self.model, cfg, out_path=path, data=self.data,
+                             meta=copy.deepcopy(self.meta), input_shape=self.meta.input_shape)
+        notes = list(res.notes) + [f"kept in fp32: {f}" for f in res.fallbacks]
+        self.meta = res.meta
+        self._measure("quantize", res.path, notes)
+
+
+@torch.inference_mode()
+def fidelity(reference: nn.Module, target, shape, n: int = 256, seed: int = 0) -> dict:
+    """How closely ``target`` reproduces ``reference`` without labelled data: top-1
+    agreement (%) and relative L2 error of the logits on ``n`` generated inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *shape), generator=gen)  # images live in [0, 1]
+    subject, _, _ = _open(target, torch.get_num_threads())
+    batch = subject.fixed_batch or n
+    got = torch.cat([torch.as_tensor(subject.forward(subject.prepare(x[i:i + batch]))).float()
+                     for i in range(0, n, batch)])
+    ref = reference.eval()(x).float()
+    agree = (got.argmax(1) == ref.argmax(1)).float().mean().item() * 100.0
+    rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    return {"fidelity_top1_agreement": agree, "fidelity_rel_error": rel}
