@@ -151,7 +151,8 @@ def _changed(method: str, cfg: dict) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING}
     norm = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    return {k: v for k, v in cfg.items() if k not in norm or norm[k] != v}
+    primary = dataclasses.fields(cls)[0].name  # conv / mode / epochs ...: always worth showing
+    return {k: v for k, v in cfg.items() if k == primary or k not in norm or norm[k] != v}
 
 
 def history_rows(history: Sequence[dict]) -> tuple[list[str], list[list[str]]]:

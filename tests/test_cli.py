@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
     res = runner.invoke(app, ["train", "resnet_tiny", "--data", "digits", "--epochs", "4",
                               "--lr", "0.01", "-o", str(out)])
     assert res.exit_code == 0, res.output
+    assert "best validation top-1" in res.stdout
     return out
 
 
