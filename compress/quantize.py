@@ -235,16 +235,32 @@ def _write_onnx(q: Path, tmp: Path, meta: ModelMeta, out: Path, force, inputs) -
 
 
 def _qat_finetune(module, cfg, data):
-    """Fine-tune with int8 fake-quant on weights and layer inputs, then bake the weights."""
+    """Fine-tune with int8 fake-quant on weights and layer inputs, then bake the weights.
+
+    BatchNorm statistics stay frozen (momentum 0) and the start point counts as epoch 0, so
+    a fine-tune that does not help keeps the starting weights instead of losing accuracy.
+    """
     from .runtime import add_fake_quant, remove_fake_quant
     from .train import TrainConfig, fit
 
     handles = add_fake_quant(module)
-    tcfg = TrainConfig(epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed)
+    with torch.no_grad():  # set the activation ranges from training data, not validation
+        module.eval()(data.train.tensors[0][: cfg.calib_batch_size * cfg.calib_batches])
+    start_acc, start_state = _evaluate(module, data), copy.deepcopy(module.state_dict())
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    tcfg = TrainConfig(epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed, augment=False)
     result = fit(module, data, tcfg)
-    remove_fake_quant(module, handles)
+    for m, mom in zip(norms, momenta, strict=True):
+        m.momentum = mom
     note = (f"qat: {cfg.qat_epochs} epochs fake-quant fine-tune at lr {cfg.qat_lr}, "
-            f"fake-quant val {result.best_top1:.2f}%")
+            f"fake-quant val {start_acc:.2f}% -> {result.best_top1:.2f}%")
+    if result.best_top1 < start_acc:
+        module.load_state_dict(start_state)
+        note += " (no gain: kept the starting weights)"
+    remove_fake_quant(module, handles)
     return module.eval(), note
 
 
