@@ -305,6 +305,33 @@ def _refuse_empty_layers(dg) -> None:
         dg.check_pruning_group = check
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data, images: int = 512, batch_size: int = 128) -> bool:
+    """Re-estimate BatchNorm running statistics on training images after pruning.
+
+    Removing channels shifts every later layer's input distribution, so the stored BN
+    statistics go stale and accuracy collapses before any fine-tuning; a few hundred
+    forward passes (no gradients) restore much of it. Returns whether any BN was found.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or data is None:
+        return False
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all calibration batches
+    x = data.train.tensors[0][:images]
+    model.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        model.eval()
+    return True
+
+
 def taylor_gradients(model: nn.Module, data, batches: int = 4, batch_size: int = 64) -> None:
     """Fill .grad with the loss gradient on a few training batches (Taylor importance)."""
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=False)
@@ -387,7 +414,6 @@ def add_masks(model: nn.Module, cfg: PruneConfig, skip) -> list[tuple[nn.Module,
     targets = _weight_layers(model, skip)
     if not targets:
         raise TorchslimError("no Conv/Linear layers left to prune; check --ignore")
-    torch.manual_seed(cfg.seed)
     if cfg.importance == "random":
         for m, name in targets:
             torch_prune.random_unstructured(m, name, amount=cfg.ratio)
@@ -426,7 +452,7 @@ def _numbers(model, example, data) -> dict[str, Any]:
 def prune_model(
     model: nn.Module,
     cfg: PruneConfig,
-    example: torch.Tensor,
+    example: torch.Tensor | None = None,
     *,
     data=None,
     train_cfg=None,
@@ -435,12 +461,24 @@ def prune_model(
     on_stage: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` (the input is left untouched), fine-tune it on ``data``
-    when ``train_cfg`` has epochs, and measure before/after. Returns (model, report)."""
+    when ``train_cfg`` has epochs (``distill``: the unpruned model is the teacher), and
+    measure before/after. ``example`` (1, C, H, W) defaults to the data's input shape.
+    Returns (pruned model, report)."""
     if cfg.importance == "taylor" and data is None:
         raise TorchslimError(
             "--importance taylor needs gradients: add --data SPEC, or use --importance l2"
         )
-    say = on_stage or (lambda _msg: None)
+    if example is None:
+        if data is None:
+            raise TorchslimError("pass an example input or data, so the graph can be traced")
+        example = torch.zeros(1, *data.input_shape)
+    with torch.random.fork_rng():  # seeded random importance, caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        return _prune_model(model, cfg, example, data, train_cfg, distill, callbacks,
+                            on_stage or (lambda _msg: None))
+
+
+def _prune_model(model, cfg, example, data, train_cfg, distill, callbacks, say):
     teacher = copy.deepcopy(model).eval() if distill else None
     model = copy.deepcopy(model).eval()
     ref_out = _output_shape(model, example)
@@ -489,6 +527,7 @@ def _run_structured(model, cfg, example, data, train_cfg, teacher, callbacks, sa
         say(f"pruning step {step}/{cfg.steps}")
         removed += prune_step(pruner, model)
         model.zero_grad(set_to_none=True)
+        recalibrate_bn(model, data)
         if step == 1 and data is not None and cfg.steps == 1:
             from .train import evaluate
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import TorchslimError
 from .io import atomic_write
-from .prune import PruneConfig, _build_graph, _Plan, make_plan, prune_copy
+from .prune import PruneConfig, _build_graph, _Plan, make_plan, prune_copy, recalibrate_bn
 from .train import evaluate
 
 FORMAT = "torchslim-sensitivity/1"
@@ -25,7 +25,8 @@ FORMAT = "torchslim-sensitivity/1"
 
 @dataclass
 class SensitivityResult:
-    """Validation top-1 (%) after pruning one layer group at each ratio, no fine-tuning."""
+    """Validation top-1 (%) after pruning one layer group at each ratio (BatchNorm
+    statistics re-estimated, no fine-tuning)."""
 
     ratios: list[float]
     baseline: float
@@ -112,6 +113,7 @@ def _accuracy_at(model, example, cfg, plan, ratios, data) -> float | None:
         pruned = prune_copy(model, example, cfg, plan, 0.0, ratios)
     except TorchslimError:  # the ratio would remove every channel of this layer
         return None
+    recalibrate_bn(pruned, data)  # as prune does before it measures or fine-tunes
     return evaluate(pruned, data.val)[0]
 
 
