@@ -317,8 +317,7 @@ def compare(
     module = fp32.model if isinstance(fp32, LoadedModel) else fp32
     rows = [_row(measure(fp32, name="fp32 torch eager", **kw), "fp32")]
     with tempfile.TemporaryDirectory(prefix="torchslim-cmp-") as tmp:
-        fp32_onnx = result.fp32_onnx or oq.export_onnx(copy.deepcopy(module).float(), shape,
-                                                       Path(tmp) / "fp32.onnx")
+        fp32_onnx = result.fp32_onnx or _export_fp32(module, shape, result, Path(tmp))
         rows.append(_row(measure(load_model(fp32_onnx), name="fp32 onnxruntime", **kw), "fp32"))
     quant = measure(load_model(result.path), name=f"{result.mode} {result.path.name}", **kw)
     rows.append(_row(quant, result.mode))
@@ -334,3 +333,10 @@ def _row(m, precision: str) -> dict:
     d = m.to_dict()
     d["precision"] = precision
     return d
+
+
+def _export_fp32(module: nn.Module, shape, result: QuantResult, tmp: Path) -> Path:
+    """fp32 ONNX of the source, with its MACs recorded so report can show them."""
+    raw = oq.export_onnx(copy.deepcopy(module).float(), shape, tmp / "raw.onnx")
+    macs = result.meta.history[-1]["before"].get("macs") if result.meta.history else None
+    return oq.write_metadata(raw, tmp / "fp32.onnx", {}, macs=macs)
