@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from torchslim.cli.app import app
 from torchslim.compress import sensitivity as sens
+from torchslim.compress.config import config_from_dict, config_to_dict
 from torchslim.compress.errors import TorchslimError
 from torchslim.compress.io import ModelMeta, load_model, save_model
 from torchslim.compress.prune import PruneConfig, count_macs, prune_model
@@ -185,6 +186,23 @@ def test_unstructured_zeroes_the_asked_fraction_and_is_honest():
     assert rep.after["nonzero_params"] == rep.before["nonzero_params"] - zeros
     assert rep.after["compressed_bytes"] < 0.8 * rep.before["compressed_bytes"]
     assert any("do not shrink" in n for n in rep.notes)
+
+
+def test_ignored_layers_keep_their_width_and_random_is_seeded():
+    model = create_model("mlp_tiny").eval()
+    pruned, _ = prune_model(model, PruneConfig(ratio=0.5, ignore=("net.1",)), X8)
+    assert out_widths(pruned) == [32, 16, 10]
+    cfg = PruneConfig(ratio=0.5, importance="random", seed=3)
+    a, _ = prune_model(model, cfg, X8)
+    b, _ = prune_model(model, cfg, X8)
+    assert torch.equal(a.net[1].weight, b.net[1].weight)  # same seed, same channels kept
+
+
+def test_config_round_trips_through_a_recipe_dict():
+    cfg = PruneConfig(layer_ratios={"net.1": 0.5}, ignore=("net.3",), round_to=4)
+    d = config_to_dict(cfg)
+    assert d["method"] == "prune" and json.loads(json.dumps(d)) == d
+    assert config_from_dict(d) == cfg
 
 
 @pytest.mark.parametrize("cfg, message", [
