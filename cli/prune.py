@@ -177,6 +177,10 @@ def register(app: typer.Typer) -> None:
         check_output(output, force=force, inputs=[model_path, from_sensitivity])
         cfg = _prune_config(ratio, target_macs, importance, global_, steps, round_to,
                             _names(ignore), unstructured, from_sensitivity, max_drop, seed)
+        if cfg.layer_ratios:
+            picked = ", ".join(f"{k}={v:g}" for k, v in cfg.layer_ratios.items())
+            stderr_console.print(f"[dim]per-layer ratios (max drop {max_drop:g}): {picked}[/]",
+                                 highlight=False)
         if cfg.importance == "taylor" and data is None:
             raise TorchslimError(
                 "--importance taylor needs gradients: add --data SPEC, or use --importance l2"
