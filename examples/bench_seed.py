@@ -46,8 +46,12 @@ def train_alone(name, data, epochs, lr, seed):
     return model, result.best_top1
 
 
+KD = {}  # temperature / alpha overrides from the command line
+
+
 def distilled(teacher, student, data, epochs, lr, seed):
-    _, result = distill(teacher, student, data, DistillConfig(epochs=epochs, lr=lr, seed=seed))
+    cfg = DistillConfig(epochs=epochs, lr=lr, seed=seed, **KD)
+    _, result = distill(teacher, student, data, cfg)
     return student, result.best_top1
 
 
