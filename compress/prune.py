@@ -349,17 +349,9 @@ def prune_copy(model, example, cfg, plan: _Plan, ratio, ratios_by_name=None):
     """
     m, plan = copy.deepcopy((model, plan))
     ratios = _modules_for(m, ratios_by_name)
-    pruner = build_pruner(m, example, _one_step(cfg), plan, ratio, ratios)
+    pruner = build_pruner(m, example, dataclasses.replace(cfg, steps=1), plan, ratio, ratios)
     prune_step(pruner, m)
     return m
-
-
-def _one_step(cfg: PruneConfig) -> PruneConfig:
-    return _replace(cfg, steps=1)
-
-
-def _replace(cfg: PruneConfig, **kw) -> PruneConfig:
-    return dataclasses.replace(cfg, **kw)
 
 
 def _modules_for(model: nn.Module, ratios_by_name) -> dict[nn.Module, float]:
