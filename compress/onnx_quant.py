@@ -294,8 +294,7 @@ def _compact_tensor_names(graph) -> None:
             node.name = f"qdq{i}"  # added by the quantizer; compute nodes keep their names
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
-    for v in graph.value_info:
-        v.name = short(v.name)
+    del graph.value_info[:]  # inferred shapes: ORT infers them again at load
 
 
 def read_metadata(path: Path | str) -> dict | None:
