@@ -17,6 +17,7 @@ sensor images, 60x120), which the fully convolutional ResNet accepts unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -50,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-size", default="60,120", help="H,W for the compute-bound timing")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
     p.add_argument("--no-distill", action="store_true", help="fine-tune with labels only")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep channel counts multiples of N (CPU kernels like multiples of 8)")
+    p.add_argument("--configs", default=",".join(label for label, _ in CONFIGS),
+                   help="which of the prune settings to run (comma-separated labels)")
     p.add_argument("--json", help="also write all rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 epoch everywhere (smoke test)")
     args = p.parse_args()
@@ -106,7 +111,11 @@ def bench_model(name, args, data, big_hw) -> list[dict]:
     rows = [measure_row(name, "baseline", base, data, shape, big_shape)]
     example = torch.zeros(1, *shape)
     ft = TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr)
-    for label, cfg in CONFIGS:
+    wanted = args.configs.split(",")
+    for label, cfg in [(label, cfg) for label, cfg in CONFIGS if label in wanted]:
+        if args.round_to:
+            cfg = dataclasses.replace(cfg, round_to=args.round_to)
+            label = f"{label}, round-to {args.round_to}"
         t0 = time.perf_counter()
         pruned, rep = prune_model(base, cfg, example, data=data, train_cfg=ft,
                                   distill=not args.no_distill)
@@ -160,7 +169,8 @@ def main() -> None:
     env = environment(args.threads)
     print()
     print(f"torch {env.get('torch')}, {args.threads} thread(s), CPU: {env.get('cpu')}; "
-          f"train {args.epochs} epochs, fine-tune {args.ft_epochs} epochs "
+          f"digits at {args.size}x{args.size}; train {args.epochs} epochs (lr {args.lr}), "
+          f"fine-tune {args.ft_epochs} epochs (lr {args.ft_lr}) "
           f"({'labels only' if args.no_distill else 'distilled from the unpruned model'})")
     print(table(all_rows, args.size, "x".join(map(str, big_hw))))
     if args.json:
