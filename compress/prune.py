@@ -384,7 +384,7 @@ def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 1
     if best is None:
         raise TorchslimError(
             f"--target-macs {cfg.target_macs} is out of reach: pruning short of removing a "
-            f"whole layer still keeps {least / base:.2f} of the MACs; ask for at least that"
+            f"whole layer still keeps {least / base:.3f} of the MACs; ask for at least that"
         )
     return best
 
