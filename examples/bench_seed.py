@@ -144,7 +144,10 @@ def main() -> None:
                    help="part 2 teacher trained on the students' images or the full split")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.7)
     args = p.parse_args()
+    KD.update(temperature=args.temperature, alpha=args.alpha)
     torch.set_num_threads(args.threads)
     if args.part in (0, 1):
         part1(args)
