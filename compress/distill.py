@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import register_config
 from .errors import TorchslimError, UsageError
-from .train import Callbacks, FitResult, TrainConfig, fit
+from .train import Callbacks, FitResult, TrainConfig, evaluate, fit
 
 
 @register_config("distill")
@@ -258,7 +258,8 @@ def distill(
 ) -> tuple[nn.Module, FitResult]:
     """Train ``student`` (in place, and returned) to mimic ``teacher`` on ``data``.
 
-    Returns the student with its best-validation weights and the FitResult. A ``resume``
+    Returns the student with its best-validation weights (the student as given counts as
+    epoch 0) and the FitResult. A ``resume``
     state (from ``callbacks.on_checkpoint``) continues an interrupted run; it carries the
     adapters' weights under "adapters". Under torchrun pass ``dist_info=dist_from_env()``.
     """
@@ -277,6 +278,7 @@ def distill(
     if feature is not None and resume is not None and "adapters" in resume:
         feature.adapters.load_state_dict(resume["adapters"])
     cb = _with_adapter_state(callbacks, feature)
+    start = _start_point(student, data) if resume is None else None
     model = _wrap_ddp(student, feature, d, device) if d.world > 1 else student.to(device)
     sampler = _sampler(data, d, cfg.seed)
     if feature is not None:
@@ -291,7 +293,17 @@ def distill(
     finally:
         if feature is not None:
             feature.detach()
+    if start is not None and start[0] > result.best_top1:
+        # The student as given competes as "epoch 0": a swapped model that starts at the
+        # teacher's accuracy is never made worse by its recovery run.
+        student.load_state_dict(start[1])
+        result.best_top1, result.best_epoch = start[0], 0
     return student, result
+
+
+def _start_point(student: nn.Module, data) -> tuple[float, dict]:
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return evaluate(student, data.val)[0], state
 
 
 def _check_resume(state: dict, student: nn.Module) -> None:

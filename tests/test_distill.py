@@ -188,3 +188,16 @@ def test_torchrun_two_processes_match_one(teacher, tmp_path):
     acc_one = load_model(tmp_path / "one.pt").meta.history[-1]["after"]["accuracy"]
     acc_two = load_model(tmp_path / "ddp.pt").meta.history[-1]["after"]["accuracy"]
     assert acc_one == acc_two
+
+
+def test_student_as_given_counts_as_epoch_zero(teacher, digits):
+    # A student that starts as good as the teacher (here: a copy) is not made worse by a
+    # destructive recovery run (lr 5): the start point wins the best-checkpoint selection.
+    import copy
+
+    student = copy.deepcopy(teacher)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    _, result = distill(teacher, student, digits, DistillConfig(epochs=1, lr=5.0))
+    assert result.best_epoch == 0 and result.epochs[0].val_top1 < result.best_top1
+    for k, v in start.items():
+        torch.testing.assert_close(student.state_dict()[k], v)
