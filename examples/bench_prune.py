@@ -25,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 from torchslim.compress.data import load_data
+from torchslim.compress.errors import TorchslimError
 from torchslim.compress.measure import count_macs, count_params, environment, measure_latency
 from torchslim.compress.prune import PruneConfig, prune_model
 from torchslim.compress.train import TrainConfig, evaluate, fit
@@ -55,6 +56,11 @@ def parse_args() -> argparse.Namespace:
                    help="keep channel counts multiples of N (CPU kernels like multiples of 8)")
     p.add_argument("--configs", default=",".join(label for label, _ in CONFIGS),
                    help="which of the prune settings to run (comma-separated labels)")
+    p.add_argument("--speed-only", metavar="MODEL",
+                   help="skip training: time MODEL (untrained; weights do not change speed) "
+                   "pruned by each setting, at --latency-size")
+    p.add_argument("--speed-width", type=float, default=4.0,
+                   help="width multiplier for --speed-only (4: 64-512 channels, ResNet-18 widths)")
     p.add_argument("--json", help="also write all rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 epoch everywhere (smoke test)")
     args = p.parse_args()
@@ -127,6 +133,38 @@ def bench_model(name, args, data, big_hw) -> list[dict]:
     return rows
 
 
+def speed_only(args, big_hw) -> None:
+    """Latency vs MACs for one architecture pruned by each setting (no accuracy)."""
+    torch.manual_seed(0)
+    model = create_model(args.speed_only, input_size=big_hw, width_mult=args.speed_width).eval()
+    shape = (1, *big_hw)
+    example = torch.zeros(1, *shape)
+    rows = [{"config": "unpruned", "model": model}]
+    for label, cfg in CONFIGS:
+        if args.round_to:
+            cfg = dataclasses.replace(cfg, round_to=args.round_to)
+        try:
+            rows.append({"config": label, "model": prune_model(model, cfg, example)[0]})
+        except TorchslimError as exc:  # e.g. round-to would empty a thin layer
+            print(f"{label}: skipped ({exc})")
+    for r in rows:
+        r["params"] = count_params(r["model"])[0]
+        r["macs"] = count_macs(r["model"], example)
+    for _ in range(args.rounds):
+        for r in rows:
+            r["ms"] = min(r.get("ms", 1e9), latency(r["model"], shape, args.threads))
+    base = rows[0]
+    body = [[r["config"], r["params"], r["macs"], base["macs"] / r["macs"], r["ms"],
+             base["ms"] / r["ms"], (base["ms"] / r["ms"]) / (base["macs"] / r["macs"])]
+            for r in rows]
+    env = environment(args.threads)
+    print(f"{args.speed_only} x{args.speed_width:g} width, untrained, batch 1 at "
+          f"{big_hw[0]}x{big_hw[1]}, {args.threads} thread(s), {env.get('cpu')}, "
+          f"round-to {args.round_to}")
+    print(tabulate(body, headers=["config", "params", "MACs", "MACs ÷", "ms b1", "speed-up",
+                                  "speed-up / MACs ÷"], tablefmt="github", floatfmt=".3f"))
+
+
 def add_ratios(rows: list[dict]) -> None:
     base = rows[0]
     for r in rows:
@@ -158,6 +196,8 @@ def table(rows: list[dict], size: int, big: str) -> str:
 def main() -> None:
     args = parse_args()
     big_hw = tuple(int(v) for v in args.latency_size.split(","))
+    if args.speed_only:
+        return speed_only(args, big_hw)
     data = load_data("digits", size=(args.size, args.size), seed=0)
     print(data.describe(), flush=True)
     per_model = [bench_model(name, args, data, big_hw) for name in args.models.split(",")]
