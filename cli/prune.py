@@ -11,6 +11,7 @@ import torch
 import typer
 
 from ..compress import sensitivity as sens
+from ..compress.config import config_to_dict
 from ..compress.data import check_classes
 from ..compress.errors import TorchslimError
 from ..compress.io import check_output, history_entry, require_module, save_model
@@ -116,8 +117,6 @@ def _rows(name_in: str, name_out: str, report, file_bytes) -> list[dict]:
 
 
 def _history(cfg, train_cfg, distill, report, file_bytes, data_name) -> dict:
-    from ..compress.config import config_to_dict
-
     config = config_to_dict(cfg)
     if train_cfg is not None:
         config["finetune"] = {"data": data_name, "epochs": train_cfg.epochs, "lr": train_cfg.lr,
