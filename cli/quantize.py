@@ -82,8 +82,16 @@ def _render(rows: list[dict], fmt: str) -> None:
         stdout_console.print(table)
 
 
-def _summary(res, fmt: str) -> None:
+def _summary(res, fmt: str, compared: bool) -> None:
     if fmt == "json":
+        if not compared:  # the comparison rows are the JSON otherwise; never print nothing
+            import json
+
+            typer.echo(json.dumps({
+                "output": str(res.path), "mode": res.mode, "runtime": res.runtime,
+                "int8_ops": res.int8_ops, "fallbacks": res.fallbacks, "notes": res.notes,
+                "accuracy_before": res.accuracy_before, "accuracy_after": res.accuracy_after,
+            }, indent=2))
         return
     lines = [f"wrote {res.path} ({res.mode}, runs on {res.runtime})"]
     if res.int8_ops:
@@ -156,7 +164,7 @@ def register(app: typer.Typer) -> None:
                     rows = compare(loaded, res, data=split, threads=threads,
                                    batch_size=batch_size)
                 _render(rows, fmt)
-        _summary(res, fmt)
+        _summary(res, fmt, compare_runtimes)
 
 
 def _check_data(loaded, split, shape) -> None:

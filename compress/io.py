@@ -87,7 +87,7 @@ def history_entry(method: str, config: dict, before: dict, after: dict, notes=()
         "before": before,
         "after": after,
         "notes": list(notes),
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -320,6 +320,9 @@ def atomic_write(
     path = check_output(path, force=force, inputs=inputs)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(Path(tmp))
         os.replace(tmp, path)
