@@ -31,6 +31,9 @@ UNSTRUCTURED_IMPORTANCES = ("l1", "l2", "random")
 # Recurrent layers: torch-pruning cannot remove their hidden units correctly (its LSTM
 # pruner mis-slices the 4-gate tensors and refuses stacked layers), so we keep them whole.
 RECURRENT = (nn.RNNBase,)
+# Channel counts are integers (and --round-to multiples), so MACs move in steps; a target
+# missed by a hair (0.2506 for 0.25) should not force the next, much smaller, step.
+MACS_TOLERANCE = 0.01
 
 
 def _check_fraction(name: str, value: float, *, low_open: bool = False) -> None:
@@ -362,7 +365,7 @@ def _modules_for(model: nn.Module, ratios_by_name) -> dict[nn.Module, float]:
 
 
 def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 10) -> float:
-    """Smallest channel ratio whose pruned copy keeps <= target_macs of the MACs.
+    """Smallest channel ratio whose pruned copy keeps <= target_macs (+1%) of the MACs.
 
     Bisection on deep copies: MACs fall monotonically with the ratio, and a ratio that
     would empty a layer counts as too large.
@@ -377,7 +380,7 @@ def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 1
             hi = mid
             continue
         least = min(least, macs)
-        if macs <= cfg.target_macs * base:
+        if macs <= cfg.target_macs * base * (1 + MACS_TOLERANCE):
             hi, best = mid, mid
         else:
             lo = mid
