@@ -43,12 +43,18 @@ SEED_REPORTED = {"size_ratio": 5.54 / 1.62, "accuracy_delta": 92.77 - 98.824}
 
 
 def demo_recipe(epochs: int) -> list:
-    """The pipeline the demo runs: the same configs `torchslim compress` flags build."""
+    """The pipeline the demo runs: the same configs `torchslim compress` builds.
+
+    Measured on digits at 1x60x120 (see README): the swap alone keeps accuracy (SVD +
+    least-squares init); pruning 0.4 of the channels brings the file under 1/15 after
+    int8; distillation recovers the pruning; QAT rather than static int8 because static
+    calibration cost 0.6-0.8 points here and QAT recovered all of it.
+    """
     return [
         SwapConfig(conv="depthwise-separable"),
-        PruneConfig(ratio=0.5),
+        PruneConfig(ratio=0.4),
         DistillConfig(epochs=epochs),
-        QuantizeConfig(mode="static"),
+        QuantizeConfig(mode="qat", qat_epochs=5),
     ]
 
 
@@ -98,7 +104,8 @@ def _run(workdir: Path, epochs: int, threads: int | None, fmt: str) -> None:
     for stale in (out, out.with_suffix(".fp32.pt")):
         stale.unlink(missing_ok=True)
     recipe = demo_recipe(epochs)
-    stderr_console.print("[bold]3/3 torchslim compress[/] swap -> prune 0.5 -> distill -> int8")
+    stderr_console.print("[bold]3/3 torchslim compress[/] swap -> prune 0.4 -> distill -> "
+                         "int8 (QAT)")
     result = run_pipeline(
         load_model(base), recipe, out, data=data, threads=threads,
         hooks=Hooks(stage=lambda t: stderr_console.print(f"[dim]→ {t}[/]"),
@@ -153,6 +160,12 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.annotate(f"{r['model']}\n{r['latency_ms_median']:.2f} ms", (kb, r["accuracy"]),
                     textcoords="offset points", xytext=(6, -4), fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 2.2)  # room for the labels of the largest models
     ax.set_xlabel("file size (KB, log scale)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("digits at 1x60x120: smaller is left, better is up")
@@ -188,3 +201,9 @@ def _show(rows: list[dict], fmt: str) -> None:
     for line in _fmt_story(story):
         table.add_row(*line)
     stdout_console.print(table)
+    stdout_console.print(
+        "[dim]digits is an easier task than the seed's partial-discharge images: if "
+        "PDLightModel alone loses nothing here, the seed's -6.05 points do not reproduce on "
+        "this data, and the comparison that carries over is size and speed at equal "
+        "accuracy.[/]"
+    )
