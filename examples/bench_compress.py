@@ -42,9 +42,13 @@ def train(arch: str, data, epochs: int, path: Path) -> Path:
     return save_model(model, path, meta, force=True)
 
 
-def recipe(epochs: int) -> list:
-    return [SwapConfig(conv="depthwise-separable"), PruneConfig(ratio=0.4),
-            DistillConfig(epochs=epochs), QuantizeConfig(mode="static")]
+def recipe(arch: str, epochs: int) -> list:
+    # MobileNetV3 is depthwise-separable already (swap would say "no convolution to swap"),
+    # so its swap step is the activation one: ReLU -> ReLU6, the quantization-friendly form.
+    swap = (SwapConfig(conv="none", act="relu6") if arch.startswith("mobilenet")
+            else SwapConfig(conv="depthwise-separable"))
+    return [swap, PruneConfig(ratio=0.4), DistillConfig(epochs=epochs),
+            QuantizeConfig(mode="static")]
 
 
 def rows_for(arch: str, steps) -> list[list]:
@@ -73,7 +77,7 @@ def main() -> None:
         for arch in MODELS:
             base = train(arch, data, args.epochs, Path(tmp) / f"{arch}.pt")
             result = run_pipeline(
-                load_model(base), recipe(args.epochs), Path(tmp) / f"{arch}-slim.onnx",
+                load_model(base), recipe(arch, args.epochs), Path(tmp) / f"{arch}-slim.onnx",
                 data=data, threads=args.threads,
                 hooks=Hooks(stage=lambda t, a=arch: print(f"  {a}: {t}")))
             table += rows_for(arch, result.steps)
