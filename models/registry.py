@@ -31,6 +31,8 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
+# Short names the docs and issues use for the seed's two models.
+ALIASES = {"pd": "pd_model", "pdlight": "pd_light"}
 _FIXED = ("num_classes", "in_channels", "input_size")
 
 
@@ -58,6 +60,7 @@ def register_model(
 
 
 def _entry(name: str) -> ModelEntry:
+    name = ALIASES.get(name, name)
     if name in _MODELS:
         return _MODELS[name]
     close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)

@@ -204,3 +204,12 @@ def test_tiny_models_learn_digits(name):
     with torch.no_grad():
         acc = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert acc > 0.8, f"{name} fit only {acc:.2f} of 256 training digits"
+
+
+def test_seed_aliases_build_the_seed_models():
+    from torchslim.models.registry import create_model, model_info
+
+    assert model_info("pd")["name"] == "pd_model"
+    assert model_info("pdlight")["name"] == "pd_light"
+    a, b = create_model("pd", num_classes=6), create_model("pd_model", num_classes=6)
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
