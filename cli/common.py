@@ -140,9 +140,9 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in allowed:
+        raise UsageError(f"--format must be one of {', '.join(allowed)}, got {fmt!r}")
     return fmt
 
 

@@ -29,6 +29,7 @@ from .common import (
     OutOpt,
     SeedOpt,
     TrustOpt,
+    check_format,
     command,
     fit_progress,
     open_data,
@@ -65,12 +66,6 @@ SENS_EPILOG = (
 
 def _names(values: list[str] | None) -> tuple[str, ...]:
     return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
-
-
-def _check_format(fmt: str) -> str:
-    if fmt not in ("table", "json"):
-        raise TorchslimError(f"--format must be table or json, got {fmt!r}")
-    return fmt
 
 
 def _load(path, *, trust, arch, num_classes, in_channels, input_shape, command_name):
@@ -172,7 +167,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove channels, neurons and heads (structured), or zero weights (--unstructured);
         optionally fine-tune on --data; save a smaller model that reloads without --trust."""
-        _check_format(fmt)
+        check_format(fmt, ("table", "json"))
         check_output(output, force=force, inputs=[model_path, from_sensitivity])
         cfg = _prune_config(ratio, target_macs, importance, global_, steps, round_to,
                             _names(ignore), unstructured, from_sensitivity, max_drop, seed)
@@ -227,7 +222,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prune each layer group alone at each ratio (no fine-tuning), measure validation
         accuracy, print a layer x ratio table, write JSON + a PNG plot."""
-        _check_format(fmt)
+        check_format(fmt, ("table", "json"))
         if data is None:
             raise TorchslimError("sensitivity measures accuracy: add --data SPEC (e.g. digits)")
         plot = plot or Path(output).with_suffix(".png")
