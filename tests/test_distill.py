@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -158,8 +157,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_torchrun_two_processes_match_one(teacher, tmp_path):
     """DDP with 2 gloo processes x 32 images == one process x 64 images, step for step:
     the same global batches (DistributedSampler order) and averaged gradients. Tolerance:
@@ -170,10 +167,11 @@ def test_torchrun_two_processes_match_one(teacher, tmp_path):
             "--epochs", "2", "--batch-size", "64", "--no-augment", "--seed", "0",
             "--threads", "1", "--format", "json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable),
-                                                        "torchrun")
+    # `python -m torch.distributed.run` is torchrun, run by this interpreter: no PATH lookup
+    # that could find another environment's torchrun, and nothing to skip
     two = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "torchslim",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(_free_port()), "-m", "torchslim",
          *args,
          "-o", str(tmp_path / "ddp.pt")],
         capture_output=True, text=True, env=env, timeout=300,
