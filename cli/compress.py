@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 
 from ..compress.distill import DistillConfig
-from ..compress.io import atomic_write, check_output
+from ..compress.io import atomic_write, check_output, require_module
 from ..compress.pipeline import Hooks, check_plan, order_steps, output_suffix, run_pipeline
 from ..compress.prune import PruneConfig
 from ..compress.quantize import QuantizeConfig
@@ -158,10 +158,11 @@ def register(app: typer.Typer) -> None:
         for path in (output, *report_paths(output), dump_recipe_to):
             if path is not None:
                 check_output(path, force=force, inputs=[model, recipe])
-        for w in warnings:
-            stderr_console.print(f"[yellow]warning:[/] {w}")
         loaded = open_model(model, trust=trust, arch=arch, num_classes=num_classes,
                             input_shape=parse_input_shape(input_shape))
+        require_module(loaded, "compress")  # TorchScript/ONNX fail here, before any output
+        for w in warnings:
+            stderr_console.print(f"[yellow]warning:[/] {w}")
         split = (open_data(data, image_size=image_size, channels=channels, seed=seed,
                            like=loaded) if data else None)
         if dump_recipe_to is not None:

@@ -158,3 +158,13 @@ def test_fidelity_of_identity_is_perfect(trained_tiny):
     f = fidelity(model, model, (1, 8, 8))
     assert f == {"fidelity_top1_agreement": 100.0, "fidelity_rel_error": 0.0}
     assert torch.is_tensor(model(torch.zeros(1, 1, 8, 8)))
+
+
+def test_torchscript_input_is_refused_in_one_line(trained_tiny, tmp_path):
+    ts = tmp_path / "m.ts"
+    torch.jit.trace(load_model(trained_tiny).model, torch.zeros(1, 1, 8, 8)).save(str(ts))
+    res = _compress(ts, "-o", tmp_path / "o.pt", "--quantize", "fp16")
+    assert res.exit_code == 1
+    assert "cannot transform a torchscript file" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1  # no table, no warning before it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]
