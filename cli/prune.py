@@ -141,7 +141,8 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(
             help="Iterative pruning in N steps, fine-tuning --epochs after each.")] = 1,
         round_to: Annotated[int | None, typer.Option(
-            help="Keep channel counts multiples of N (SIMD / int8 kernels).")] = None,
+            help="Keep channel counts multiples of N: 16 suits AVX-512 fp32 kernels, 8 AVX2. "
+                 "A layer of N channels or fewer is left whole.")] = None,
         ignore: IgnoreOpt = None,
         unstructured: Annotated[bool, typer.Option(
             help="Zero the smallest weights instead (no MACs or speed saved).")] = False,

@@ -252,11 +252,31 @@ def make_importance(name: str):
     }[name]()
 
 
+def rounded_prune_count(n_pruned: int, channels: int, round_to: int) -> int:
+    """How many of ``channels`` to remove so the kept count is a multiple of ``round_to``.
+
+    The kept count goes to the *nearest* multiple and never below one multiple; a layer of
+    ``round_to`` channels or fewer is left whole. (torch-pruning rounds the kept count down,
+    so ``--round-to 16`` on a 16-channel layer asked to lose 4 removed all 16.) The point of
+    rounding is speed: a CPU kernel pads a layer to its SIMD block (16 fp32 lanes on
+    AVX-512), so a layer cut from 16 to 8 channels costs nearly what it did.
+    """
+    if channels <= round_to:
+        return 0
+    keep = max(round_to, int((channels - n_pruned) / round_to + 0.5) * round_to)
+    return max(channels - min(keep, channels), 0)
+
+
+class _RoundingPruner(tp.pruner.BasePruner):
+    def _round_to(self, n_pruned, current_channels, round_to):
+        return rounded_prune_count(n_pruned, current_channels, round_to)
+
+
 def build_pruner(model, example, cfg: PruneConfig, plan: _Plan, ratio: float, ratios=None):
     """A torch-pruning pruner for ``model``; ``ratios`` maps modules to their own ratio."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tp.pruner.BasePruner(
+        return _RoundingPruner(
             model.eval(),
             example,
             importance=make_importance(cfg.importance),

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -27,6 +29,7 @@ from tabulate import tabulate
 from torchslim.compress.data import load_data
 from torchslim.compress.errors import TorchslimError
 from torchslim.compress.measure import count_macs, count_params, environment, measure_latency
+from torchslim.compress.onnx_quant import INPUT, export_onnx, session
 from torchslim.compress.prune import PruneConfig, prune_model
 from torchslim.compress.train import TrainConfig, evaluate, fit
 from torchslim.models.registry import create_model
@@ -74,6 +77,23 @@ def latency(model, shape, threads) -> float:
     return measure_latency(model.eval(), x, threads=threads, min_run_time=1.0).median_ms
 
 
+_SESSIONS: dict[tuple[int, tuple], object] = {}
+
+
+def ort_latency(model, shape, threads) -> float:
+    """The same model exported to ONNX and run by ONNX Runtime, the fastest fp32 CPU runtime
+    measured here (README, "Quantization"): a pruned model is deployed there, not eagerly."""
+    key = (id(model), tuple(shape))
+    if key not in _SESSIONS:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(model.eval(), shape, Path(tmp) / "m.onnx")
+            _SESSIONS[key] = session(path, threads)
+    sess = _SESSIONS[key]
+    x = torch.randn(1, *shape).numpy()
+    return measure_latency(lambda a: sess.run(None, {INPUT: a}), x, threads=threads,
+                           min_run_time=1.0).median_ms
+
+
 def measure_row(name, label, model, data, shape, big_shape, extra=None) -> dict:
     row = {
         "model": name,
@@ -100,6 +120,8 @@ def measure_latencies(rows: list[dict], threads: int, rounds: int) -> None:
             if big_shape is not None:
                 ms = latency(r["_model"], big_shape, threads)
                 r["ms_big"] = min(r.get("ms_big", 1e9), ms)
+                ms = ort_latency(r["_model"], big_shape, threads)
+                r["ms_big_ort"] = min(r.get("ms_big_ort", 1e9), ms)
     for r in rows:
         del r["_model"], r["_shapes"]
 
@@ -153,15 +175,19 @@ def speed_only(args, big_hw) -> None:
     for _ in range(args.rounds):
         for r in rows:
             r["ms"] = min(r.get("ms", 1e9), latency(r["model"], shape, args.threads))
+            r["ort"] = min(r.get("ort", 1e9), ort_latency(r["model"], shape, args.threads))
     base = rows[0]
     body = [[r["config"], r["params"], r["macs"], base["macs"] / r["macs"], r["ms"],
-             base["ms"] / r["ms"], (base["ms"] / r["ms"]) / (base["macs"] / r["macs"])]
+             base["ms"] / r["ms"], (base["ms"] / r["ms"]) / (base["macs"] / r["macs"]),
+             r["ort"], base["ort"] / r["ort"],
+             (base["ort"] / r["ort"]) / (base["macs"] / r["macs"])]
             for r in rows]
     env = environment(args.threads)
     print(f"{args.speed_only} x{args.speed_width:g} width, untrained, batch 1 at "
           f"{big_hw[0]}x{big_hw[1]}, {args.threads} thread(s), {env.get('cpu')}, "
           f"round-to {args.round_to}")
-    print(tabulate(body, headers=["config", "params", "MACs", "MACs ÷", "ms b1", "speed-up",
+    print(tabulate(body, headers=["config", "params", "MACs", "MACs ÷", "torch ms b1",
+                                  "speed-up", "speed-up / MACs ÷", "ORT ms b1", "speed-up",
                                   "speed-up / MACs ÷"], tablefmt="github", floatfmt=".3f"))
 
 
@@ -175,12 +201,15 @@ def add_ratios(rows: list[dict]) -> None:
             r["macs_x_big"] = base["macs_big"] / r["macs_big"]
             r["speedup_big"] = base["ms_big"] / r["ms_big"]
             r["eff_big"] = r["speedup_big"] / r["macs_x_big"]
+            r["speedup_big_ort"] = base["ms_big_ort"] / r["ms_big_ort"]
+            r["eff_big_ort"] = r["speedup_big_ort"] / r["macs_x_big"]
 
 
 def table(rows: list[dict], size: int, big: str) -> str:
     head = ["model", "config", "ch. ratio", "top-1 %", "Δ top-1", "top-1 pre-FT", "params",
             "MACs", "MACs ÷", f"ms b1 {size}x{size}", "speed-up",
-            f"ms b1 {big}", f"speed-up {big}", "speed-up / MACs ÷"]
+            f"torch ms b1 {big}", "speed-up", "speed-up / MACs ÷",
+            f"ORT ms b1 {big}", "speed-up", "speed-up / MACs ÷"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -189,7 +218,8 @@ def table(rows: list[dict], size: int, big: str) -> str:
              f(r["d_top1"], "+.2f"), f(r.get("top1_before_ft"), ".2f"), r["params"],
              r["macs"], f(r["macs_x"], ".2f"), f(r["ms_small"], ".3f"), f(r["speedup"], ".2f"),
              f(r.get("ms_big"), ".3f"), f(r.get("speedup_big"), ".2f"),
-             f(r.get("eff_big"), ".2f")] for r in rows]
+             f(r.get("eff_big"), ".2f"), f(r.get("ms_big_ort"), ".3f"),
+             f(r.get("speedup_big_ort"), ".2f"), f(r.get("eff_big_ort"), ".2f")] for r in rows]
     return tabulate(body, headers=head, tablefmt="github")
 
 

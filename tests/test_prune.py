@@ -101,6 +101,36 @@ def test_depthwise_mobilenet_keeps_groups_equal_to_channels():
     assert rep.after["macs"] <= 0.35 * rep.before["macs"]
 
 
+@pytest.mark.parametrize(("n_pruned", "channels", "round_to", "expected"), [
+    (4, 16, 16, 0),  # one SIMD block: left whole (torch-pruning's own rounding removed all 16)
+    (8, 32, 16, 0),  # keep 24 -> nearest multiple is 32 (half rounds up)
+    (20, 32, 16, 16),  # keep 12 -> 16
+    (31, 32, 16, 16),  # never below one multiple
+    (48, 128, 16, 48),  # keep 80 = 5 x 16: already a multiple
+    (5, 12, 16, 0),  # narrower than the block: left alone
+    (3, 10, 4, 2),  # keep 7 -> 8
+])
+def test_rounded_prune_count(n_pruned, channels, round_to, expected):
+    from torchslim.compress.prune import rounded_prune_count
+
+    assert rounded_prune_count(n_pruned, channels, round_to) == expected
+
+
+def test_round_to_a_layer_width_keeps_that_layer_and_rounds_the_rest():
+    model = create_model("resnet_small", num_classes=10, in_channels=1, input_size=(8, 8))
+    pruned, rep = prune_model(model.eval(), PruneConfig(ratio=0.5, round_to=16), X8)
+    check_same_io(model, pruned, X8)
+    widths = out_widths(pruned, nn.Conv2d)
+    assert widths[0] == 16  # the 16-channel stem group is one block: kept whole
+    assert all(w % 16 == 0 for w in widths)
+    assert sorted(set(widths)) == [16, 32, 64]  # 32 -> 16, 64 -> 32, 128 -> 64
+    from torchslim.models.resnet import ResNet
+
+    same_shape = ResNet(10, 1, (16, 16, 32, 64), (1, 1, 1, 1))  # what the pruned net must be
+    assert rep.after["params"] == n_params(same_shape)
+    assert rep.after["macs"] == count_macs(same_shape, X8)
+
+
 def test_transformer_prunes_whole_head_widths_and_runs_in_train_mode():
     model = create_model("transformer_tiny").eval()
     pruned, rep = prune_model(model, PruneConfig(ratio=0.5), X8)
