@@ -115,6 +115,12 @@ def _table(teacher: LoadedModel, output: Path, split, threads, fmt: str) -> None
         typer.echo(render_text(rows, "json"))
     else:
         stdout_console.print(rich_table(rows, title="teacher vs student"))
+    t_acc, s_acc = rows[0].get("accuracy"), rows[1].get("accuracy")
+    if t_acc is not None and s_acc is not None and s_acc > t_acc:
+        stderr_console.print(
+            f"[yellow]note: the student ({s_acc:.2f} %) beats its teacher ({t_acc:.2f} %), so "
+            "the soft targets teach some of the teacher's mistakes; a stronger teacher, or a "
+            "lower --alpha, should help (see examples/bench_seed.py)[/yellow]")
 
 
 def register(app: typer.Typer) -> None:

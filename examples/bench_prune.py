@@ -145,8 +145,12 @@ def bench_model(name, args, data, big_hw) -> list[dict]:
             cfg = dataclasses.replace(cfg, round_to=args.round_to)
             label = f"{label}, round-to {args.round_to}"
         t0 = time.perf_counter()
-        pruned, rep = prune_model(base, cfg, example, data=data, train_cfg=ft,
-                                  distill=not args.no_distill)
+        try:
+            pruned, rep = prune_model(base, cfg, example, data=data, train_cfg=ft,
+                                      distill=not args.no_distill)
+        except TorchslimError as exc:  # e.g. a MAC target out of reach with --round-to
+            print(f"[{name}] {label}: skipped ({exc})", flush=True)
+            continue
         extra = {"channel_ratio": rep.ratio, "top1_before_ft": rep.pruned_top1,
                  "seconds": time.perf_counter() - t0}
         rows.append(measure_row(name, label, pruned, data, shape, big_shape, extra))

@@ -1,6 +1,6 @@
 """fp32 vs quantized: latency per runtime, file size and accuracy, all measured in one run.
 
-    python examples/bench_quantize.py [--epochs 2] [--seq-epochs 6] [--threads 2] [--torchao]
+    python examples/bench_quantize.py [--epochs 6] [--seq-epochs 6] [--threads 2] [--torchao]
                                       [--openvino]
 
 Static int8 (ONNX Runtime QDQ) on the residual reference CNN and the seed's PDModel, trained
@@ -153,7 +153,7 @@ def torchao_row(model, data, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seq-epochs", type=int, default=6, help="LSTM/transformer epochs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", help="comma-separated registry names to run")

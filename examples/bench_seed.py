@@ -7,11 +7,15 @@ measured: accuracy on the validation split, file size of the saved torchslim .pt
 MACs (one forward pass) and CPU latency at batch 1.
 
 Part 2 - distillation vs training alone with the same budget (epochs, lr, batches) on a
-reduced training set (300 images, like the seed's <500), averaged over 3 seeds; the teacher
-is trained on the same 300 images, so it knows nothing the students could not see.
+reduced training set (300 images, like the seed's <500), averaged over seeds; the teacher
+is trained on the same 300 images, so it knows nothing the students could not see. The
+default teacher is the residual CNN: on 300 images PDModel is a weaker model than its own
+student (measured: 84.6 % after 30 epochs, 96.2 % after 100, against PDLightModel's ~97.5 %
+alone), and a teacher below its student only teaches it mistakes (``--teacher pd_model``
+shows it). ``--val-fraction 0.5`` scores on ~900 held-out images (one image = 0.1 pt).
 
     python examples/bench_seed.py                  # both parts (about 15-30 min on 2 cores)
-    python examples/bench_seed.py --part 2         # only the 3-seed study
+    python examples/bench_seed.py --part 2 --seeds 0 1 2 3 4 --val-fraction 0.5
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ def main() -> None:
     p.add_argument("--teacher-data", choices=("same", "full"), default="same",
                    help="part 2 teacher trained on the students' images or the full split")
     p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--teacher", default="pd_model",
+    p.add_argument("--teacher", default="resnet_small",
                    help="part 2 teacher architecture (registry name)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--temperature", type=float, default=4.0)

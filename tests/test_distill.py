@@ -133,8 +133,20 @@ def test_cli_distill_table_and_errors(teacher, tmp_path):
     rows = json.loads(res.stdout[res.stdout.index("["):])
     assert [r["model"].split(":")[0] for r in rows] == ["teacher", "student"]
     assert rows[1]["params"] == 3466 and rows[1]["accuracy"] > 60
+    beats = rows[1]["accuracy"] > rows[0]["accuracy"]  # the note says so exactly when true
+    assert ("beats its teacher" in " ".join(res.stderr.split())) == beats
     assert load_model(out).meta.history[-1]["method"] == "distill"
     assert not (tmp_path / "s.pt.ckpt").exists()  # removed after a finished run
+
+    torch.manual_seed(0)  # an untrained teacher (~10 %): the student must be told it wins
+    _save(create_model("mlp_tiny", num_classes=10, input_size=(8, 8)), tmp_path / "weak.pt")
+    res = runner.invoke(app, ["distill", "--teacher", str(tmp_path / "weak.pt"), "--student",
+                              "mlp_tiny", "--epochs", "2", "--lr", "0.01", "--alpha", "0.3",
+                              "-o", str(tmp_path / "s2.pt"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert rows[0]["accuracy"] < 30 < rows[1]["accuracy"]
+    assert "beats its teacher" in " ".join(res.stderr.split())
 
     bad = tmp_path / "bad.pt"
     res = runner.invoke(app, ["distill", "--teacher", str(t_path), "--student", "mlp_tiny",
