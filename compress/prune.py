@@ -264,7 +264,7 @@ def rounded_prune_count(n_pruned: int, channels: int, round_to: int) -> int:
     if channels <= round_to:
         return 0
     keep = max(round_to, int((channels - n_pruned) / round_to + 0.5) * round_to)
-    return max(channels - min(keep, channels), 0)
+    return channels - min(keep, channels)
 
 
 class _RoundingPruner(tp.pruner.BasePruner):

@@ -321,12 +321,18 @@ def compare(
         rows.append(_row(measure(load_model(fp32_onnx), name="fp32 onnxruntime", **kw), "fp32"))
     quant = measure(load_model(result.path), name=f"{result.mode} {result.path.name}", **kw)
     rows.append(_row(quant, result.mode))
+    rate_speedups(rows)
+    return rows
+
+
+def rate_speedups(rows: list[dict]) -> None:
+    """Give each row its speed-up over the fastest fp32 row of any runtime and over fp32 on
+    its own runtime (rows carry ``precision``, ``runtime`` and ``latency_ms_median``)."""
     fastest = min(r["latency_ms_median"] for r in rows if r["precision"] == "fp32")
     for r in rows:
         same = next(x for x in rows if x["precision"] == "fp32" and x["runtime"] == r["runtime"])
         r["speedup_vs_fastest_fp32"] = fastest / r["latency_ms_median"]
         r["speedup_vs_fp32_same_runtime"] = same["latency_ms_median"] / r["latency_ms_median"]
-    return rows
 
 
 def _row(m, precision: str) -> dict:

@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from torchslim.compress.data import load_data
 from torchslim.compress.io import ModelMeta, load_model, save_model
-from torchslim.compress.quantize import QuantizeConfig, compare, quantize_model
+from torchslim.compress.quantize import QuantizeConfig, compare, quantize_model, rate_speedups
 from torchslim.compress.train import TrainConfig, fit
 from torchslim.models.registry import create_model
 
@@ -65,7 +65,7 @@ def run_case(arch, mode, size, args, tmp: Path) -> list[list]:
         rows.append(torchao_row(model, data, args.threads))
     if args.openvino:
         rows += openvino_rows(tmp / f"{arch}-fp32.onnx", res.path, data, args.threads)
-    rerate(rows)
+    rate_speedups(rows)  # again, now over every runtime's fp32 row
     fp32_file = min(r["file_bytes"] for r in rows if r["precision"] == "fp32")
     out = []
     for r in rows:
@@ -76,16 +76,6 @@ def run_case(arch, mode, size, args, tmp: Path) -> list[list]:
     print(f"  fp32 fallback: {', '.join(res.fallbacks) or 'none'}; int8 kernels: "
           f"{res.int8_ops}")
     return out
-
-
-def rerate(rows: list[dict]) -> None:
-    """Speed-ups against the fastest fp32 row of *every* runtime tried, and against fp32 on
-    the row's own runtime (torchao's baseline is fp32 torch eager)."""
-    fastest = min(r["latency_ms_median"] for r in rows if r["precision"] == "fp32")
-    for r in rows:
-        same = [x for x in rows if x["precision"] == "fp32" and x["runtime"] == r["runtime"]]
-        r["speedup_vs_fastest_fp32"] = fastest / r["latency_ms_median"]
-        r["speedup_vs_fp32_same_runtime"] = same[0]["latency_ms_median"] / r["latency_ms_median"]
 
 
 def openvino_rows(fp32_onnx: Path, int8_onnx: Path, data, threads: int) -> list[dict]:
