@@ -116,6 +116,9 @@ def register(app: typer.Typer) -> None:
             help="Calibration batches (of 32 training samples) for static/qat.")] = 8,
         calibrate: Annotated[str, typer.Option(
             help=f"Activation range method: {' | '.join(CALIBRATIONS)}.")] = "minmax",
+        reduce_range: Annotated[str, typer.Option(
+            help="auto | on | off: 7-bit int8 weights. auto = on where this CPU has no VNNI "
+            "(its int8 kernels saturate at full range).")] = "auto",
         per_channel: Annotated[bool, typer.Option(
             "--per-channel/--per-tensor", help="Weight scales per output channel.")] = True,
         exclude: Annotated[list[str] | None, typer.Option(
@@ -143,7 +146,7 @@ def register(app: typer.Typer) -> None:
         cfg = QuantizeConfig(
             mode=mode, backend=backend, calib_batches=calib_batches, per_channel=per_channel,
             calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
-            qat_lr=qat_lr, seed=seed,
+            qat_lr=qat_lr, reduce_range=reduce_range, seed=seed,
         )
         shape = parse_input_shape(input_shape)
         loaded = open_model(model_path, trust=trust, arch=arch, num_classes=num_classes,

@@ -132,8 +132,12 @@ def quantize_static_onnx(
     per_channel: bool = True,
     exclude: Sequence[str] = (),
     calibrate: str = "minmax",
+    reduce_range: bool = False,
 ) -> Path:
-    """int8 weights (per-channel, symmetric) and uint8 activations as QDQ pairs."""
+    """int8 weights (per-channel, symmetric) and uint8 activations as QDQ pairs.
+
+    ``reduce_range`` keeps weights in 7 bits, for CPUs whose int8 kernels saturate (hw.py).
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -162,6 +166,7 @@ def quantize_static_onnx(
             # U8S8 is the fast pairing on x86 (VNNI); see ORT's quantization docs.
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude) or None, calibrate_method=methods[calibrate],
+            reduce_range=reduce_range,
         )
     return dst
 
@@ -170,15 +175,20 @@ DYNAMIC_OPS = ["MatMul", "Gemm", "LSTM", "Attention"]
 
 
 def quantize_dynamic_onnx(
-    src: Path, dst: Path, *, per_channel: bool = False, exclude: Sequence[str] = ()
+    src: Path, dst: Path, *, per_channel: bool = False, exclude: Sequence[str] = (),
+    reduce_range: bool = False,
 ) -> Path:
-    """int8 weights; activations quantized per batch at run time (MatMulInteger, DQ-LSTM)."""
+    """int8 weights; activations quantized per batch at run time (MatMulInteger, DQ-LSTM).
+
+    ``reduce_range`` keeps weights in 7 bits, for CPUs whose int8 kernels saturate (hw.py).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
         quantize_dynamic(
             str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=per_channel,
             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
+            reduce_range=reduce_range,
         )
     return dst
 

@@ -31,6 +31,7 @@ MODES = ("static", "dynamic", "weight-only", "fp16", "bf16", "qat")
 ORT_MODES = ("static", "dynamic", "qat")
 BACKENDS = {m: ("onnxruntime",) if m in ORT_MODES else ("torch",) for m in MODES}
 CALIBRATIONS = ("minmax", "entropy", "percentile")
+REDUCE_RANGE = ("auto", "on", "off")
 
 
 @register_config("quantize")
@@ -47,6 +48,8 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()  # ONNX node names to keep in fp32
     qat_epochs: int = 3
     qat_lr: float = 5e-4  # fine-tuning, not training: ~1/6 of train's default
+    # 7-bit weights: "auto" turns them on where this CPU's int8 kernels saturate (no VNNI)
+    reduce_range: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +68,15 @@ class QuantizeConfig:
             raise UsageError(f"calibrate must be one of {', '.join(CALIBRATIONS)}")
         if self.qat_epochs < 1 or self.qat_lr <= 0:
             raise UsageError("qat_epochs must be >= 1 and qat_lr > 0")
+        if self.reduce_range not in REDUCE_RANGE:
+            raise UsageError(f"--reduce-range must be one of {', '.join(REDUCE_RANGE)}, got "
+                             f"{self.reduce_range!r}")
+
+    @property
+    def use_reduce_range(self) -> bool:
+        from .hw import int8_saturates
+
+        return self.reduce_range == "on" or (self.reduce_range == "auto" and int8_saturates())
 
     @property
     def runtime(self) -> str:
@@ -178,14 +190,20 @@ def _quantize_onnx(module, cfg, shape, data, meta, before, out, force, inputs, k
         fp32 = oq.export_onnx(module, shape, tmp / "fp32.onnx")
         src = _preprocessed(fp32, tmp, notes)
         q = tmp / "int8.onnx"
+        reduce = cfg.use_reduce_range
+        if reduce:
+            notes.append("7-bit weights (reduce_range): this CPU has no VNNI, and full-range "
+                         "int8 saturates its kernels")
         if cfg.mode == "dynamic":
-            oq.quantize_dynamic_onnx(src, q, per_channel=False, exclude=cfg.exclude)
+            oq.quantize_dynamic_onnx(src, q, per_channel=False, exclude=cfg.exclude,
+                                     reduce_range=reduce)
             notes.append("dynamic: int8 weights, activations quantized per call")
         else:
             calib = oq.calibration_batches(data.train, cfg.calib_batches, cfg.calib_batch_size,
                                            cfg.seed)
             oq.quantize_static_onnx(src, q, calib, per_channel=cfg.per_channel,
-                                    exclude=cfg.exclude, calibrate=cfg.calibrate)
+                                    exclude=cfg.exclude, calibrate=cfg.calibrate,
+                                    reduce_range=reduce)
             notes.append(f"calibrated on {sum(len(c) for c in calib)} training samples "
                          f"({cfg.calibrate})")
         ops = oq.summarize_ops(oq.runtime_ops(q, tmp))

@@ -252,3 +252,16 @@ def test_cli_export_failure_one_line(tmp_path):
     assert r.exit_code == 1
     assert "cannot export the model to ONNX" in r.output and len(r.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_reduce_range_follows_the_cpu(monkeypatch):
+    from torchslim.compress import hw
+
+    monkeypatch.setattr(hw, "int8_saturates", lambda: True)
+    assert QuantizeConfig().use_reduce_range
+    assert not QuantizeConfig(reduce_range="off").use_reduce_range
+    monkeypatch.setattr(hw, "int8_saturates", lambda: False)
+    assert not QuantizeConfig().use_reduce_range
+    assert QuantizeConfig(reduce_range="on").use_reduce_range
+    with pytest.raises(UsageError, match="--reduce-range"):
+        QuantizeConfig(reduce_range="maybe")
