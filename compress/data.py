@@ -28,11 +28,15 @@ class DataSplit:
     class_names: list[str]
     input_shape: tuple[int, int, int]  # (C, H, W)
     name: str
+    # Held out from choosing: a search picks on val and reports on test. None unless asked
+    # for (test_fraction) or the data set has an official test split.
+    test: TensorDataset | None = None
 
     def describe(self) -> str:
         c, h, w = self.input_shape
+        test = f" / {len(self.test)} test" if self.test is not None else ""
         return (
-            f"{self.name}: {len(self.train)} train / {len(self.val)} val images, "
+            f"{self.name}: {len(self.train)} train / {len(self.val)} val{test} images, "
             f"{c}x{h}x{w}, {self.num_classes} classes"
         )
 
@@ -45,14 +49,19 @@ def load_data(
     val_fraction: float = 0.2,
     seed: int = 0,
     train_limit: int | None = None,
+    test_fraction: float = 0.0,
 ) -> DataSplit:
-    """Load ``spec`` and split it into stratified, seed-deterministic train/val sets."""
+    """Load ``spec`` and split it into stratified, seed-deterministic train/val sets, plus
+    a test set when ``test_fraction`` > 0 (carved first, so val and test never overlap)."""
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise UsageError(f"--test-fraction must be in [0, 1) and leave training data, got "
+                         f"{test_fraction} with val {val_fraction}")
     x, y, names, label = _load_raw(spec, size, channels)
     x = _resize(x, size)
     x = _to_channels(x, channels)
-    train_idx, val_idx = stratified_split(y, val_fraction, seed)
+    train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
     if train_limit is not None:
         train_idx = _limit_stratified(train_idx, y, train_limit, seed)
     c, h, w = x.shape[1:]
@@ -63,7 +72,19 @@ def load_data(
         class_names=names,
         input_shape=(int(c), int(h), int(w)),
         name=label,
+        test=TensorDataset(x[test_idx], y[test_idx]) if test_idx is not None else None,
     )
+
+
+def split_indices(y: torch.Tensor, val_fraction: float, test_fraction: float, seed: int):
+    """(train, val, test) index tensors; test is None when ``test_fraction`` is 0. The
+    train/val split for a seed is the same with or without a test set carved off first only
+    when test_fraction is 0, so results without a test split stay as they were."""
+    if not test_fraction:
+        return (*stratified_split(y, val_fraction, seed), None)
+    rest, test = stratified_split(y, test_fraction, seed + 7919)
+    train_r, val_r = stratified_split(y[rest], val_fraction / (1.0 - test_fraction), seed)
+    return rest[train_r], rest[val_r], test
 
 
 def _load_raw(spec, size, channels):

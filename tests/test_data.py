@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
-from torchslim.compress.data import check_classes, load_data, parse_size
+from torchslim.compress.data import check_classes, load_data, parse_size, split_indices
 from torchslim.compress.errors import TorchslimError, UsageError
 
 
@@ -95,3 +96,23 @@ def test_parse_size():
     assert parse_size("60x120") == (60, 120)
     with pytest.raises(UsageError):
         parse_size("sixty")
+
+
+def test_three_way_split_is_disjoint_and_stratified():
+    d = load_data("digits", seed=0, val_fraction=0.2, test_fraction=0.2)
+    y = torch.from_numpy(load_digits().target)
+    train, val, test = split_indices(y, 0.2, 0.2, 0)
+    sets = [set(train.tolist()), set(val.tolist()), set(test.tolist())]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert len(sets[0]) + len(sets[1]) + len(sets[2]) == 1797
+    assert len(d.test) == len(test) and abs(len(d.test) - 359) <= 5
+    assert abs(len(d.val) - 359) <= 10
+    assert torch.bincount(d.test.tensors[1], minlength=10).min() >= 34
+    # without a test split the train/val split is what it always was
+    plain = load_data("digits", seed=0)
+    assert plain.test is None and len(plain.val) == 359
+
+
+def test_test_fraction_must_leave_training_data():
+    with pytest.raises(UsageError, match="--test-fraction"):
+        load_data("digits", val_fraction=0.5, test_fraction=0.5)
