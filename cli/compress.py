@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
         with table.live:
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
                                   min_run_time=min_time, force=force, hooks=hooks)
-        rows = [s.record for s in result.steps]
+        rows = result.rows()  # the input in each runtime first: the speed-ups' baselines
         reports = _write_reports(result, rows, force)
         stdout_console.print(rich_table(rows, title=f"torchslim compress: {model.name}"))
         written = [result.output, *([result.fp32_output] if result.fp32_output else []),

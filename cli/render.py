@@ -11,6 +11,8 @@ from typing import Any
 from rich.table import Table
 from tabulate import tabulate
 
+from ..compress.quantize import rate_speedups
+
 # (key, header, formatter); the ratio columns are added when there is a baseline.
 COLUMNS: list[tuple[str, str, Any]] = []
 
@@ -41,6 +43,18 @@ def fmt_pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def fmt_x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_cv(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def fmt_rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
 COLUMNS = [
     ("model", "model", str),
     ("runtime", "runtime", lambda v: v or "-"),
@@ -54,11 +68,13 @@ COLUMNS = [
     ("batch_latency_ms_median", "ms bN (median)", fmt_ms),
     ("accuracy", "top-1 %", fmt_pct),
     ("top5", "top-5 %", fmt_pct),
-    ("fidelity_top1_agreement", "agrees %", fmt_pct),
-    ("fidelity_rel_error", "rel. error", lambda v: "-" if v is None else f"{v:.4f}"),
+    ("throughput_per_s", "items/s bN", fmt_rate),
+    ("fidelity_top1_agreement", "agrees % vs row 1", fmt_pct),
+    ("fidelity_rel_error", "rel. error vs row 1", lambda v: "-" if v is None else f"{v:.4f}"),
 ]
 # The terminal table leaves these to markdown/csv/json, to stay readable at ~120 columns.
-FULL_ONLY = {"batch_latency_ms_median", "top5"}
+FULL_ONLY = {"batch_latency_ms_median", "top5", "throughput_per_s",
+             "speedup_vs_fp32_same_runtime"}
 SPARSE_ONLY = {"nonzero_params", "compressed_bytes"}  # shown when some model has zeros
 
 
@@ -82,15 +98,56 @@ def with_ratios(rows: Sequence[dict]) -> list[dict]:
         acc, base_acc = r.get("accuracy"), base.get("accuracy")
         r["accuracy_delta"] = None if acc is None or base_acc is None else acc - base_acc
         out.append(r)
+    rate_speedups(out, baseline=baseline_rows(out))
     return out
 
 
-RATIO_COLUMNS = [
-    ("size_ratio", "x smaller", lambda v: "-" if v is None else f"{v:.2f}x"),
-    ("macs_ratio", "x fewer MACs", lambda v: "-" if v is None else f"{v:.2f}x"),
-    ("speedup", "x faster b1", lambda v: "-" if v is None else f"{v:.2f}x"),
-    ("accuracy_delta", "Δ top-1", lambda v: "-" if v is None else f"{v:+.2f}"),
-]
+def baseline_rows(rows: Sequence[dict]) -> list[dict]:
+    """The first model in every runtime it was measured in: what the speed-ups stand on."""
+    return [r for r in rows if r.get("model") == rows[0].get("model")] if rows else []
+
+
+def _label(row: dict) -> str:
+    return " ".join(str(row[k]) for k in ("precision", "runtime") if row.get(k))
+
+
+def _fastest_fp32(rows: Sequence[dict]) -> dict | None:
+    fp32 = [r for r in baseline_rows(rows)
+            if r.get("precision") == "fp32" and r.get("latency_ms_median")]
+    return min(fp32, key=lambda r: r["latency_ms_median"], default=None)
+
+
+def _ratio_columns(rows: Sequence[dict]) -> list[tuple[str, str, Any]]:
+    """Each "x faster" header names its baseline: row 1, and the fastest fp32 runtime of the
+    first model when it was measured in several runtimes."""
+    fastest = _fastest_fp32(rows)
+    runtimes = {r.get("runtime") for r in baseline_rows(rows)}
+    cols = [
+        ("size_ratio", "x smaller", fmt_x),
+        ("macs_ratio", "x fewer MACs", fmt_x),
+        ("speedup", f"x faster vs {_label(rows[0]) or 'row 1'}", fmt_x),
+    ]
+    if fastest is not None and len(runtimes) > 1:
+        cols.append(("speedup_vs_fastest_fp32",
+                     f"x faster vs fastest fp32 ({fastest.get('runtime')})", fmt_x))
+    cols += [("speedup_vs_fp32_same_runtime", "x faster vs fp32 same runtime", fmt_x),
+             ("accuracy_delta", "Δ top-1", lambda v: "-" if v is None else f"{v:+.2f}")]
+    return cols
+
+
+def speedup_note(rows: Sequence[dict]) -> str | None:
+    """One sentence under a table saying what each "x faster" is measured against."""
+    if len(rows) < 2:
+        return None
+    base = rows[0]
+    text = (f"x faster: batch-1 median latency against row 1 ({base.get('model')}, "
+            f"{_label(base)}, {fmt_ms(base.get('latency_ms_median'))} ms)")
+    fastest = _fastest_fp32(rows)
+    if fastest is not None and len({r.get("runtime") for r in baseline_rows(rows)}) > 1:
+        text += (f"; vs fastest fp32: against {fastest.get('model')} in "
+                 f"{fastest.get('runtime')} ({fmt_ms(fastest.get('latency_ms_median'))} ms), "
+                 "the fastest fp32 runtime measured here")
+    return text
 
 
 def _sparse(rows: Sequence[dict]) -> bool:
@@ -99,7 +156,7 @@ def _sparse(rows: Sequence[dict]) -> bool:
 
 def _columns(rows: Sequence[dict], compact: bool) -> list[tuple[str, str, Any]]:
     """Drop columns that are empty for every row (e.g. accuracy without data)."""
-    cols = COLUMNS + (RATIO_COLUMNS if len(rows) > 1 else [])
+    cols = COLUMNS + (_ratio_columns(rows) if len(rows) > 1 else [])
     if compact:
         hide = FULL_ONLY | (set() if _sparse(rows) else SPARSE_ONLY)
         cols = [c for c in cols if c[0] not in hide]
@@ -115,7 +172,8 @@ def table_rows(rows: Sequence[dict], compact: bool = False):
 
 def rich_table(rows: Sequence[dict], title: str | None = None) -> Table:
     headers, body = table_rows(rows, compact=True)
-    table = Table(title=title, header_style="bold cyan")
+    table = Table(title=title, header_style="bold cyan", caption=speedup_note(rows),
+                  caption_justify="left")
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
     for line in body:
@@ -136,7 +194,8 @@ def render_text(rows: Sequence[dict], fmt: str) -> str:
         writer.writerows(full)
         return buf.getvalue()
     headers, body = table_rows(rows)
-    return tabulate(body, headers=headers, tablefmt="github")
+    note = speedup_note(rows)
+    return tabulate(body, headers=headers, tablefmt="github") + (f"\n\n{note}" if note else "")
 
 
 def _changed(method: str, cfg: dict) -> dict:
@@ -183,3 +242,163 @@ def rich_history(name: str, history: Sequence[dict]) -> Table:
     for line in body:
         table.add_row(*line)
     return table
+
+
+# ---------------------------------------------------------------------------- statistics
+
+STATS_COLUMNS: list[tuple[str, str, Any]] = [
+    ("model", "model", str),
+    ("runtime", "runtime", lambda v: v or "-"),
+    ("cold_ms", "cold ms", fmt_ms),
+    ("latency_ms_min", "min", fmt_ms),
+    ("latency_ms_median", "median", fmt_ms),
+    ("latency_ms_mean", "mean", fmt_ms),
+    ("latency_ms_p90", "p90", fmt_ms),
+    ("latency_ms_p95", "p95", fmt_ms),
+    ("latency_ms_p99", "p99", fmt_ms),
+    ("latency_cv", "CV %", fmt_cv),
+    ("latency_runs", "runs", fmt_count),
+    ("latency_seconds", "s", lambda v: "-" if v is None else f"{v:.2f}"),
+    ("batch_latency_ms_median", "bN median", fmt_ms),
+    ("batch_latency_cv", "bN CV %", fmt_cv),
+    ("throughput_per_s", "items/s bN", fmt_rate),
+    ("peak_rss_delta_bytes", "peak RSS +", fmt_bytes),
+]
+
+
+def stats_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Latency statistics: the cold first call apart, then the timed calls' distribution."""
+    cols = [c for c in STATS_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    return [h for _, h, _ in cols], [[f(r.get(k)) for k, _, f in cols] for r in rows]
+
+
+def stats_title(rows: Sequence[dict]) -> str:
+    batch = rows[0].get("batch_size") if rows else None
+    return (f"latency statistics (ms, batch 1; bN = batch {batch}; cold = the first call; "
+            "CV = std / mean of the timed calls)")
+
+
+def env_line(env: dict) -> str:
+    """The machine and libraries behind the figures, in one line."""
+    names = {"avx2": "AVX2", "avx512": "AVX-512", "vnni": "VNNI", "amx": "AMX"}
+    have = [t for k, t in names.items() if env.get(k)]
+    lack = [t for k, t in names.items() if k in env and not env.get(k) and k != "avx2"]
+    isa = ", ".join(have) or "no AVX2"
+    if lack:
+        isa += f" (no {', '.join(lack)})"
+    ort = f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else ""
+    return (f"{env.get('cpu', 'cpu')}; {isa}; {env.get('threads')} thread(s); "
+            f"torch {env.get('torch', '?')}{ort}")
+
+
+# ---------------------------------------------------------------------------- layers
+
+LAYER_COLUMNS: list[tuple[str, str, Any]] = [
+    ("name", "layer", str),
+    ("type", "type", str),
+    ("precision", "precision", lambda v: v or "-"),
+    ("params", "params", fmt_count),
+    ("macs", "MACs", fmt_count),
+    ("bytes", "weights", fmt_bytes),
+    ("ms", "ms", lambda v: "-" if v is None else f"{v:.4f}"),
+    ("share", "% time", lambda v: "-" if v is None else f"{v:.1f}"),
+]
+
+
+def _sum(values) -> int | float | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+def top_layers(layers: dict, top: int) -> list[dict]:
+    """The ``top`` slowest rows, then one "rest" row that adds up all the others."""
+    rows = list(layers["rows"])
+    if top <= 0 or len(rows) <= top + 1:
+        return rows
+    rest = rows[top:]
+    merged = {"name": f"rest ({len(rest)} layers)", "type": "", "precision": None}
+    for key in ("params", "macs", "bytes", "ms", "share"):
+        merged[key] = _sum(r.get(key) for r in rest)
+    return [*rows[:top], merged]
+
+
+def layer_rows(layers: dict, top: int) -> tuple[list[str], list[list[str]]]:
+    rows = top_layers(layers, top)
+    cols = [c for c in LAYER_COLUMNS if c[0] != "precision" or any(r.get("precision")
+                                                                    for r in rows)]
+    total = {"name": "total", "type": "", "precision": None,
+             **{k: _sum(r.get(k) for r in layers["rows"])
+                for k in ("params", "macs", "bytes", "ms", "share")}}
+    body = [[f(r.get(k)) for k, _, f in cols] for r in [*rows, total]]
+    return [h for _, h, _ in cols], body
+
+
+def layer_summary(record: dict) -> list[str]:
+    """What the profile adds up to, against the whole-model figures."""
+    lay = record["layers"]
+    median = lay.get("whole_model_median_ms")
+    lines = [f"layers add up to {lay['total_ms']:.4f} ms"
+             + (f" = {100 * lay['total_ms'] / median:.1f} % of the whole-model median "
+                f"{median:.4f} ms" if median else "")
+             + f" ({lay['tool']}, {lay['runs']} runs, mean of the middle half)"]
+    macs = record.get("macs")
+    if macs is not None:
+        same = "= the model's MACs" if lay["macs_total"] == macs else \
+            f"!= the model's {fmt_count(macs)} MACs"
+        lines.append(f"MACs column sums to {lay['macs_total']:,} {same}")
+    by = lay.get("by_precision") or {}
+    if "int8" in by or "q/dq" in by:
+        total = lay["total_ms"] or 1.0
+        parts = [f"{p}: {v['nodes']} nodes, {100 * v['ms'] / total:.1f} % of time"
+                 for p, v in sorted(by.items())]
+        lines.append("; ".join(parts))
+        lines.append(f"Q/DQ overhead: {lay.get('qdq_ms', 0.0):.4f} ms "
+                     f"({100 * lay.get('qdq_ms', 0.0) / total:.1f} %); fp32 compute nodes "
+                     f"(fallbacks): {', '.join(lay.get('fp32_compute') or []) or 'none'}")
+    return lines + list(lay.get("notes") or [])
+
+
+def compare_layer_rows(a: dict, b: dict, top: int) -> tuple[list[str], list[list[str]]]:
+    """Two profiles lined up by layer name (e.g. before and after pruning); a layer in only
+    one of them gets "-" on the other side. Ordered by the first one's time."""
+    rows_a = {r["name"]: r for r in a["layers"]["rows"]}
+    rows_b = {r["name"]: r for r in b["layers"]["rows"]}
+    names = list(rows_a) + [n for n in rows_b if n not in rows_a]
+    shown = names[:top] if top > 0 and len(names) > top + 1 else names
+    headers = ["layer", "type", "ms A", "ms B", "x faster (B vs A)", "MACs A", "MACs B",
+               "params A", "params B"]
+    body = []
+    for n in shown:
+        ra, rb = rows_a.get(n, {}), rows_b.get(n, {})
+        body.append([n, ra.get("type") or rb.get("type", ""), fmt_ms4(ra.get("ms")),
+                     fmt_ms4(rb.get("ms")), fmt_x(_ratio(ra.get("ms"), rb.get("ms"))),
+                     fmt_count(ra.get("macs")), fmt_count(rb.get("macs")),
+                     fmt_count(ra.get("params")), fmt_count(rb.get("params"))])
+    rest = names[len(shown):]
+    if rest:
+        ms_a = _sum(rows_a[n]["ms"] for n in rest if n in rows_a)
+        ms_b = _sum(rows_b[n]["ms"] for n in rest if n in rows_b)
+        body.append([f"rest ({len(rest)} layers)", "", fmt_ms4(ms_a), fmt_ms4(ms_b),
+                     fmt_x(_ratio(ms_a, ms_b)), "", "", "", ""])
+    ta, tb = a["layers"]["total_ms"], b["layers"]["total_ms"]
+    body.append(["total", "", fmt_ms4(ta), fmt_ms4(tb), fmt_x(_ratio(ta, tb)),
+                 fmt_count(a["layers"]["macs_total"]), fmt_count(b["layers"]["macs_total"]),
+                 "", ""])
+    return headers, body
+
+
+def fmt_ms4(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def layers_csv(records: Sequence[dict]) -> str:
+    """Every layer of every record, one csv row each."""
+    keys = ["model", "runtime", "name", "type", "precision", "params", "macs", "bytes", "ms",
+            "share", "calls"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for rec in records:
+        for r in rec["layers"]["rows"]:
+            writer.writerow({"model": rec["model"], "runtime": rec["runtime"], **r})
+    return buf.getvalue()

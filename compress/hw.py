@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
+from typing import Any
 
 # /proc/cpuinfo flag names that matter for int8 and reduced-precision kernels.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
@@ -46,3 +47,43 @@ def int8_saturates() -> bool:
     """True on x86 CPUs whose int8 kernels saturate with full-range uint8 x int8 operands."""
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     return x86 and bool(cpu_flags()) and not has_vnni()
+
+
+def isa_summary() -> dict[str, bool]:
+    """The instruction sets an int8 or latency figure depends on, as yes/no."""
+    flags = cpu_flags()
+    return {"avx2": "avx2" in flags, "avx512": "avx512f" in flags, "vnni": has_vnni(),
+            "amx": any(f.startswith("amx") for f in flags)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None = None) -> dict[str, Any]:
+    """What a latency figure depends on: library versions, threads and the CPU."""
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "cpu": cpu_name(),
+        **isa_summary(),
+        "isa": isa(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+

@@ -2,7 +2,7 @@
 
 Everything here is measured, never estimated: parameters are counted on the tensors, sizes
 come from serialising, MACs from a real forward pass under ``FlopCounterMode`` (plus
-formulas for the CPU kernels it cannot see), latency from ``torch.utils.benchmark``.
+formulas for the CPU kernels it cannot see), latency from per-call timing (latency.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import platform
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,27 +18,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import TorchslimError
+from .hw import environment
+from .latency import (
+    DEFAULT_MIN_RUN_TIME,
+    LatencyStats,
+    PeakMemory,
+    measure_latency,
+    noise_warning,
+    stats_fields,
+    throughput,
+)
+from .latency import torch_threads as _torch_threads
+
+__all__ = ["DEFAULT_MIN_RUN_TIME", "LatencyStats", "Measurement", "count_macs", "count_params",
+           "environment", "measure", "measure_latency"]
 
 # ONNX metadata key under which an exporter records the MACs of the fp32 graph; int8 graphs
 # keep the MACs of the model they came from (their integer ops are not "fewer MACs").
 MACS_METADATA_KEY = "torchslim.macs"
-# Seconds of timing per batch size: enough for a stable median on a busy 2-core box.
-DEFAULT_MIN_RUN_TIME = 0.5
-WARMUP_CALLS = 3
-
-
-@dataclass
-class LatencyStats:
-    median_ms: float
-    p90_ms: float
-    runs: int  # timed calls in total (blocks x calls per block)
 
 
 @dataclass
@@ -65,6 +66,30 @@ class Measurement:
     top5: float | None  # None without data or with five classes or fewer
     env: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # --- benchmark statistics (latency.py); latency_* is batch 1, batch_latency_* batch N
+    precision: str | None = None  # "fp32" | "fp16" | "bf16" | "int8" | "int8-weights"
+    cold_ms: float | None = None  # the very first call (batch 1), before any warm-up
+    latency_ms_p95: float | None = None
+    latency_ms_p99: float | None = None
+    latency_ms_min: float | None = None
+    latency_ms_mean: float | None = None
+    latency_cv: float | None = None  # std / mean of the timed calls
+    latency_runs: int | None = None  # timed calls
+    latency_seconds: float | None = None  # their wall time together
+    batch_latency_ms_p95: float | None = None
+    batch_latency_ms_p99: float | None = None
+    batch_latency_ms_min: float | None = None
+    batch_latency_ms_mean: float | None = None
+    batch_latency_cv: float | None = None
+    batch_latency_runs: int | None = None
+    batch_latency_seconds: float | None = None
+    throughput_per_s: float | None = None  # items/s at batch_size: items timed / seconds
+    peak_rss_delta_bytes: int | None = None  # process peak RSS while running, minus before
+    warnings: list[str] = field(default_factory=list)  # e.g. noisy timings
+    # --- filled by other steps: agreement.py (against a reference), profile.py (--layers)
+    fidelity_top1_agreement: float | None = None  # % of inputs with the reference's top-1
+    fidelity_rel_error: float | None = None  # ||out - ref|| / ||ref|| over the inputs
+    layers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,72 +215,7 @@ def _eval_mode(model):
             m.training = flag
 
 
-# ---------------------------------------------------------------------------- latency
-
-
-def measure_latency(fn: Callable, example_input, *, threads: int,
-                    min_run_time: float = DEFAULT_MIN_RUN_TIME) -> LatencyStats:
-    """Median and p90 wall time of ``fn(example_input)`` in ms, after a warm-up.
-
-    ``torch.utils.benchmark.Timer.blocked_autorange`` times blocks of calls (so timer
-    overhead stays negligible for fast models); median and p90 are over the per-block mean
-    times. Torch's intra-op thread count is set to ``threads`` and restored afterwards. Any
-    callable works, so onnxruntime sessions get the very same statistics.
-    """
-    with _torch_threads(threads), torch.inference_mode():
-        start = time.perf_counter()
-        for _ in range(WARMUP_CALLS):  # first calls allocate and pick kernels
-            fn(example_input)
-            if time.perf_counter() - start > min_run_time / 2:
-                break  # a slow model is warm after one call; keep report quick
-        timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": example_input},
-                                num_threads=threads)
-        m = timer.blocked_autorange(min_run_time=min_run_time)
-    times_ms = np.asarray(m.times) * 1e3
-    return LatencyStats(median_ms=float(np.median(times_ms)),
-                        p90_ms=float(np.percentile(times_ms, 90)),
-                        runs=len(m.times) * m.number_per_run)
-
-
-@contextmanager
-def _torch_threads(threads: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# ---------------------------------------------------------------------------- environment
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(threads: int | None = None) -> dict[str, Any]:
-    """What a latency figure depends on: library versions, threads and the CPU."""
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    return {
-        "torch": torch.__version__,
-        "onnxruntime": ort_version,
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+# ---------------------------------------------------------------------------- accuracy
 
 
 def accuracy(fn: Callable, dataset, batch_size: int = 256) -> tuple[float, float | None]:
@@ -297,6 +257,10 @@ def gzip_bytes(paths: list[Path]) -> int:
 # way for both.
 
 
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+              torch.float64: "fp64"}
+
+
 class _TorchSubject:
     fixed_batch = None
     static_shape = None
@@ -313,6 +277,16 @@ class _TorchSubject:
         return self.model(x)
 
     timed = forward
+
+    def precision(self) -> str:
+        from .runtime import CastWrapper, Int8WeightLayer  # torchslim's reduced-precision .pt
+
+        for m in self.model.modules():
+            if isinstance(m, CastWrapper):
+                return _PRECISION.get(getattr(torch, m.storage), m.storage)
+            if isinstance(m, Int8WeightLayer):
+                return "int8-weights"  # stored int8, computed in fp32
+        return _PRECISION.get(self.dtype, str(self.dtype).removeprefix("torch."))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -438,13 +412,17 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
     # every step runs on the recorded thread count, accuracy and MAC counting included
     with _eval_mode(getattr(subject, "model", None)), _torch_threads(threads):
         example = _example(shape, 1, subject.dtype)
-        out = _trial(subject, example, name)
-        if data is not None:
-            _check_data(out, data, shape, name)
+        with PeakMemory() as memory:  # peak RSS while the model runs (cold call and timing)
+            start = time.perf_counter()
+            out = _trial(subject, example, name)
+            cold_ms = (time.perf_counter() - start) * 1e3
+            if data is not None:
+                _check_data(out, data, shape, name)
+            lat, batch_lat, notes = _latencies(subject, shape, threads, batch_size, run_time)
         params, nonzero = subject.count_params()
-        lat, batch_lat, notes = _latencies(subject, shape, threads, batch_size, run_time)
         top1, top5 = (None, None) if data is None else _accuracy(subject, data, batch_size)
         macs = _macs(subject, example, notes)
+    noisy = noise_warning({"batch 1": lat, f"batch {batch_size}": batch_lat})
     return Measurement(
         model=name, runtime=subject.runtime, params=params, nonzero_params=nonzero,
         file_bytes=sum(f.stat().st_size for f in files) if files else None,
@@ -454,7 +432,12 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
         batch_size=batch_size,
         batch_latency_ms_median=batch_lat.median_ms if batch_lat else None,
         batch_latency_ms_p90=batch_lat.p90_ms if batch_lat else None,
-        threads=threads, accuracy=top1, top5=top5, env=environment(threads), notes=notes)
+        threads=threads, accuracy=top1, top5=top5, env=environment(threads),
+        notes=notes + ([memory.reason] if memory.reason else []),
+        precision=subject.precision(), cold_ms=cold_ms, **stats_fields("latency", lat),
+        **stats_fields("batch_latency", batch_lat),
+        throughput_per_s=throughput(batch_lat, batch_size),
+        peak_rss_delta_bytes=memory.delta_bytes, warnings=[noisy] if noisy else [])
 
 
 def _macs(subject, example: torch.Tensor, notes: list[str]) -> int | None:

@@ -72,6 +72,20 @@ class OnnxSubject:
         except Exception as exc:  # InvalidArgument/Fail: make them look like torch's errors
             raise RuntimeError(_first_line(exc)) from exc
 
+    def precision(self) -> str:
+        """int8 when the graph quantizes (QDQ pairs or integer kernels), else its float type."""
+        from onnx import TensorProto
+
+        from .onnx_quant import INT8_OPS, QDQ_OPS
+
+        graph = self.proto.graph
+        if {n.op_type for n in graph.node} & (INT8_OPS | QDQ_OPS):
+            return "int8"
+        types = {t.data_type for t in graph.initializer}
+        if self.np_dtype == np.float16 or TensorProto.FLOAT16 in types:
+            return "fp16"
+        return "bf16" if TensorProto.BFLOAT16 in types else "fp32"
+
     def _weights(self) -> list[tuple[np.ndarray, np.ndarray | int]]:
         """(array, zero point) of each initializer that is a model parameter."""
         from onnx import numpy_helper

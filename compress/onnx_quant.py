@@ -39,6 +39,8 @@ INT8_OPS = {
     "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearGlobalAveragePool",
     "QLinearAveragePool", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax",
 }
+# Ops that move values between float and int8: what a QDQ graph pays around int8 kernels.
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Elementwise ops worth naming when they stay in fp32 (cheap, but each costs a Q/DQ pair).
 ELEMENTWISE = {"Add", "Mul", "Sigmoid", "HardSigmoid", "HardSwish", "Softmax", "Div", "Sub"}
 

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from .agreement import fidelity
 from .config import config_to_dict
 from .distill import distill
 from .errors import TorchslimError, UsageError
 from .io import LoadedModel, check_output, history_entry, load_model, save_model
 from .lowrank import lowrank_model
-from .measure import _open, measure
+from .measure import measure
 from .prune import prune_model
 from .quantize import quantize_model
 from .swap import swap_model
@@ -58,6 +58,13 @@ class PipelineResult:
     output: Path
     fp32_output: Path | None  # the last fp32 .pt, kept beside a quantized output
     warnings: list[str]
+    # the input in other runtimes (fp32 ONNX Runtime), for "x faster vs fastest fp32"
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The table: the input in eager torch, then in ONNX Runtime, then every step."""
+        records = [s.record for s in self.steps]
+        return [*records[:1], *self.baselines, *records[1:]]
 
 
 def order_steps(configs: list) -> list:
@@ -140,7 +147,7 @@ def run_pipeline(
         run.steps[-1].artifact = output
         if fp32_out is not None and run.last_pt is not None:
             os.replace(run.last_pt, fp32_out)
-    return PipelineResult(run.steps, output, fp32_out, warnings)
+    return PipelineResult(run.steps, output, fp32_out, warnings, run.baselines)
 
 
 class _Run:
@@ -161,6 +168,7 @@ class _Run:
         if data is not None and not self.meta.class_names:
             self.meta.class_names = list(data.class_names)
         self.steps: list[StepOutcome] = []
+        self.baselines: list[dict[str, Any]] = []
         self.tmp: Path | None = None
         self.last_pt: Path | None = None
 
@@ -185,9 +193,27 @@ class _Run:
     def measure_input(self) -> None:
         if self.loaded.kind == "torchslim":
             self._measure("input", self.loaded.path, [])
+        else:
+            path = save_model(self.model, self.tmp / "step0-input.pt", copy.deepcopy(self.meta))
+            self._measure("input", path, [f"converted from a {self.loaded.kind} file"])
+        self._measure_baseline(self.steps[0])
+
+    def _measure_baseline(self, first: StepOutcome) -> None:
+        """The input in ONNX Runtime too, so a speed-up can be read against the fastest fp32
+        runtime and not only eager torch. A model that does not export still compresses."""
+        from .baselines import measure_runtimes
+
+        self._say("measuring input in onnxruntime (fp32 export)")
+        target = load_model(first.artifact)
+        try:
+            (rec,) = measure_runtimes(
+                target, "onnxruntime", name="input", input_shape=self.meta.input_shape,
+                data=self.data, threads=self.threads, min_run_time=self.min_run_time,
+                use_cache=False)
+        except TorchslimError as exc:
+            first.notes.append(f"fp32 ONNX Runtime baseline not measured: {exc}")
             return
-        path = save_model(self.model, self.tmp / "step0-input.pt", copy.deepcopy(self.meta))
-        self._measure("input", path, [f"converted from a {self.loaded.kind} file"])
+        self.baselines.append(rec.to_dict())
 
     # -- steps --------------------------------------------------------------------------
     def apply(self, i: int, cfg) -> None:
@@ -244,19 +270,3 @@ class _Run:
         notes = list(res.notes) + [f"kept in fp32: {f}" for f in res.fallbacks]
         self.meta = res.meta
         self._measure("quantize", res.path, notes)
-
-
-@torch.inference_mode()
-def fidelity(reference: nn.Module, target, shape, n: int = 256, seed: int = 0) -> dict:
-    """How closely ``target`` reproduces ``reference`` without labelled data: top-1
-    agreement (%) and relative L2 error of the logits on ``n`` generated inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((n, *shape), generator=gen)  # images live in [0, 1]
-    subject, _, _ = _open(target, torch.get_num_threads())
-    batch = subject.fixed_batch or n
-    got = torch.cat([torch.as_tensor(subject.forward(subject.prepare(x[i:i + batch]))).float()
-                     for i in range(0, n, batch)])
-    ref = reference.eval()(x).float()
-    agree = (got.argmax(1) == ref.argmax(1)).float().mean().item() * 100.0
-    rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-    return {"fidelity_top1_agreement": agree, "fidelity_rel_error": rel}

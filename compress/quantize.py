@@ -343,14 +343,22 @@ def compare(
     return rows
 
 
-def rate_speedups(rows: list[dict]) -> None:
+def rate_speedups(rows: list[dict], baseline: list[dict] | None = None) -> None:
     """Give each row its speed-up over the fastest fp32 row of any runtime and over fp32 on
-    its own runtime (rows carry ``precision``, ``runtime`` and ``latency_ms_median``)."""
-    fastest = min(r["latency_ms_median"] for r in rows if r["precision"] == "fp32")
+    its own runtime (rows carry ``precision``, ``runtime`` and ``latency_ms_median``).
+
+    The fp32 rows are taken from ``baseline`` (default: ``rows``), e.g. the first model of a
+    report in every runtime it ran in; a ratio with no fp32 row to stand on is None.
+    """
+    fp32 = [r for r in (rows if baseline is None else baseline)
+            if r.get("precision") == "fp32" and r.get("latency_ms_median")]
+    fastest = min((r["latency_ms_median"] for r in fp32), default=None)
     for r in rows:
-        same = next(x for x in rows if x["precision"] == "fp32" and x["runtime"] == r["runtime"])
-        r["speedup_vs_fastest_fp32"] = fastest / r["latency_ms_median"]
-        r["speedup_vs_fp32_same_runtime"] = same["latency_ms_median"] / r["latency_ms_median"]
+        same = next((x for x in fp32 if x["runtime"] == r["runtime"]), None)
+        ms = r.get("latency_ms_median")
+        r["speedup_vs_fastest_fp32"] = fastest / ms if fastest and ms else None
+        r["speedup_vs_fp32_same_runtime"] = same["latency_ms_median"] / ms if same and ms \
+            else None
 
 
 def _row(m, precision: str) -> dict:

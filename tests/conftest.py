@@ -12,6 +12,15 @@ from torchslim.compress.train import TrainConfig
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_export_cache(tmp_path_factory):
+    """ONNX exports made by tests (report --runtime) go to a temporary cache, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path_factory.mktemp("torchslim-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def digits():
     """sklearn's 1,797 real 8x8 digits, 80/20 stratified split."""

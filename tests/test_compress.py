@@ -50,7 +50,10 @@ def test_flag_pipeline_runs_every_step_in_order(trained_tiny, tmp_path):
     fp32 = load_model(tmp_path / "slim.fp32.pt")
     assert sum(p.numel() for p in fp32.model.parameters()) == distill["params"]
     md = (tmp_path / "slim.report.md").read_text()
-    assert len(md.strip().splitlines()) == 7  # header, separator, 5 steps
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 8  # header, separator, input in torch and in ONNX Runtime, 4 steps
+    assert "| input " in table[3] and "onnxruntime" in table[3]
+    assert "x faster vs fastest fp32" in table[0] and "against input in" in md
 
 
 def test_recipe_dump_rerun_reproduces(trained_tiny, tmp_path):
