@@ -306,8 +306,22 @@ LAYER_COLUMNS: list[tuple[str, str, Any]] = [
 
 
 def _sum(values) -> int | float | None:
+    """A count's sum: unknown (None) when any part is unknown."""
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
+
+
+def _sum_known(values) -> float | None:
+    """A time's sum over the parts that were timed."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _merged(name: str, rows: Sequence[dict]) -> dict:
+    out = {"name": name, "type": "", "precision": None}
+    out.update({k: _sum(r.get(k) for r in rows) for k in ("params", "macs", "bytes")})
+    out.update({k: _sum_known(r.get(k) for r in rows) for k in ("ms", "share")})
+    return out
 
 
 def top_layers(layers: dict, top: int) -> list[dict]:
@@ -316,19 +330,14 @@ def top_layers(layers: dict, top: int) -> list[dict]:
     if top <= 0 or len(rows) <= top + 1:
         return rows
     rest = rows[top:]
-    merged = {"name": f"rest ({len(rest)} layers)", "type": "", "precision": None}
-    for key in ("params", "macs", "bytes", "ms", "share"):
-        merged[key] = _sum(r.get(key) for r in rest)
-    return [*rows[:top], merged]
+    return [*rows[:top], _merged(f"rest ({len(rest)} layers)", rest)]
 
 
 def layer_rows(layers: dict, top: int) -> tuple[list[str], list[list[str]]]:
     rows = top_layers(layers, top)
     cols = [c for c in LAYER_COLUMNS if c[0] != "precision" or any(r.get("precision")
                                                                     for r in rows)]
-    total = {"name": "total", "type": "", "precision": None,
-             **{k: _sum(r.get(k) for r in layers["rows"])
-                for k in ("params", "macs", "bytes", "ms", "share")}}
+    total = _merged("total", layers["rows"])
     body = [[f(r.get(k)) for k, _, f in cols] for r in [*rows, total]]
     return [h for _, h, _ in cols], body
 
@@ -339,8 +348,8 @@ def layer_summary(record: dict) -> list[str]:
     median = lay.get("whole_model_median_ms")
     lines = [f"layers add up to {lay['total_ms']:.4f} ms"
              + (f" = {100 * lay['total_ms'] / median:.1f} % of the whole-model median "
-                f"{median:.4f} ms" if median else "")
-             + f" ({lay['tool']}, {lay['runs']} runs, mean of the middle half)"]
+                f"{median:.4f} ms (% time is of that median)" if median else "")
+             + f"; {lay['tool']}, {lay['runs']} runs, mean of the runs around the median"]
     macs = record.get("macs")
     if macs is not None:
         same = "= the model's MACs" if lay["macs_total"] == macs else \
@@ -348,7 +357,7 @@ def layer_summary(record: dict) -> list[str]:
         lines.append(f"MACs column sums to {lay['macs_total']:,} {same}")
     by = lay.get("by_precision") or {}
     if "int8" in by or "q/dq" in by:
-        total = lay["total_ms"] or 1.0
+        total = median or lay["total_ms"] or 1.0
         parts = [f"{p}: {v['nodes']} nodes, {100 * v['ms'] / total:.1f} % of time"
                  for p, v in sorted(by.items())]
         lines.append("; ".join(parts))
@@ -370,14 +379,14 @@ def compare_layer_rows(a: dict, b: dict, top: int) -> tuple[list[str], list[list
     body = []
     for n in shown:
         ra, rb = rows_a.get(n, {}), rows_b.get(n, {})
-        body.append([n, ra.get("type") or rb.get("type", ""), fmt_ms4(ra.get("ms")),
+        body.append([n, ra.get("type") or rb.get("type") or "", fmt_ms4(ra.get("ms")),
                      fmt_ms4(rb.get("ms")), fmt_x(_ratio(ra.get("ms"), rb.get("ms"))),
                      fmt_count(ra.get("macs")), fmt_count(rb.get("macs")),
                      fmt_count(ra.get("params")), fmt_count(rb.get("params"))])
     rest = names[len(shown):]
     if rest:
-        ms_a = _sum(rows_a[n]["ms"] for n in rest if n in rows_a)
-        ms_b = _sum(rows_b[n]["ms"] for n in rest if n in rows_b)
+        ms_a = _sum_known(rows_a[n]["ms"] for n in rest if n in rows_a)
+        ms_b = _sum_known(rows_b[n]["ms"] for n in rest if n in rows_b)
         body.append([f"rest ({len(rest)} layers)", "", fmt_ms4(ms_a), fmt_ms4(ms_b),
                      fmt_x(_ratio(ms_a, ms_b)), "", "", "", ""])
     ta, tb = a["layers"]["total_ms"], b["layers"]["total_ms"]
@@ -401,4 +410,4 @@ def layers_csv(records: Sequence[dict]) -> str:
     for rec in records:
         for r in rec["layers"]["rows"]:
             writer.writerow({"model": rec["model"], "runtime": rec["runtime"], **r})
-    return buf.getvalue()
+    return buf.getvalue().rstrip("\r\n")

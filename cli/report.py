@@ -171,10 +171,10 @@ def _warn(records) -> None:
     for rec in records:
         for w in rec.get("warnings") or []:
             stderr_console.print(f"[yellow]warning:[/] {rec['model']} ({rec['runtime']}): {w}",
-                                 highlight=False)
+                                 highlight=False, soft_wrap=True)
         for n in rec.get("notes") or []:
             stderr_console.print(f"[dim]note: {rec['model']} ({rec['runtime']}): {n}[/]",
-                                 highlight=False)
+                                 highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

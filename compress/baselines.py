@@ -67,8 +67,7 @@ def _measure(target, name, input_shape, layers: bool, kw) -> Measurement:
 
         run_time = kw["min_run_time"] or DEFAULT_MIN_RUN_TIME
         rec.layers = profile_layers(target, input_shape=rec.input_shape, threads=rec.threads,
-                                    min_run_time=run_time)
-        rec.layers["whole_model_median_ms"] = rec.latency_ms_median
+                                    min_run_time=run_time, whole_ms=rec.latency_ms_median)
     return rec
 
 

@@ -1,17 +1,22 @@
 """Per-layer profile: where a model's batch-1 time goes, layer by layer, beside each layer's
 params, MACs and bytes. The answer to "I pruned/quantized it: why is it not faster?".
 
-Torch models are timed with ``torch.profiler``: a ``record_function`` range around every
-module call (forward hooks), so a layer's time is its own range minus the ranges of the
-modules it calls (its "self" time), and the layers add up to the whole forward. ONNX files are
-timed with ONNX Runtime's own profiler (profile_onnx.py), one row per node of the graph ORT
-really runs (after its fusions).
+Torch models: every leaf module's calls are timed with forward hooks and ``perf_counter_ns``
+(the pre-hook reads the clock last, the post-hook first, so a layer's time is its forward and
+nothing of the hooks). torch.profiler was measured first and dropped: recording every aten op
+inflated the forward by 20 % on PDModel and 4x on resnet_tiny (busy 2-core box, same run),
+while the hooks' own cost falls between layers, outside every layer's interval. ONNX files:
+ONNX Runtime's own profiler (profile_onnx.py), one row per node of the graph ORT really runs;
+a node's time is its kernel's, the profiler's bookkeeping falls between nodes.
 
-How the layer times are made to add up to a typical run: each profiled run is one forward;
-the runs whose total lies in the middle half (25th to 75th percentile) are kept, and every
-layer's time is its mean over those runs. The layers' sum is then the mean of those runs,
-which sits next to the unprofiled median; what the profiler itself costs shows as the gap
-(``total_ms`` against ``whole_model_median_ms``), never spread over the layers.
+How the layers are made to add up to a typical run: every profiled run is one forward; the
+runs whose total lies in the middle fifth (40th to 60th percentile, around the median) are
+kept and each layer's time is its mean over them, so the layers add up to a median run (a
+wider window let preempted runs in on a busy box: layers 4x the median on resnet_tiny).
+Shares are of the whole-model median measured without hooks or profiler; what runs outside
+every layer (container code, residual adds written in a forward, Python, the runtime's own
+overhead) is one row, the median minus the layers. The layers' own sum is the figure to
+check against the median (``total_ms``; ``coverage`` = their ratio).
 """
 
 from __future__ import annotations
@@ -29,19 +34,21 @@ from .errors import TorchslimError
 from .latency import torch_threads
 from .measure import EXTRA_FLOP_FORMULAS, QUANT_STORAGE, _eval_mode, _example, _open
 
-# Profiled runs: at least this many, and at most this many (torch.profiler's event list costs
-# ~30 ms of Python per run of a small CNN to read back).
+# Profiled runs: at least this many, at most this many, and about min_run_time seconds.
 MIN_PROFILED_RUNS = 10
-MAX_TORCH_RUNS = 100
-RANGE_PREFIX = "torchslim.layer::"
+MAX_PROFILED_RUNS = 2000
+CENTRAL = (40, 60)  # percentiles of the run totals whose runs the layer times come from
 
 
 def profile_layers(target, *, input_shape: Sequence[int], threads: int,
-                   min_run_time: float = 0.5) -> dict[str, Any]:
+                   min_run_time: float = 0.5, whole_ms: float | None = None) -> dict[str, Any]:
     """Per-layer rows of ``target`` (nn.Module, or a LoadedModel; ONNX runs in ORT), sorted
-    by time. Returns ``{"tool", "runs", "total_ms", "rows": [...], "notes": [...]}`` (ONNX adds
-    ``by_precision`` and ``fp32_compute``); each row has name, type, params, macs, bytes, ms,
-    share (% of total_ms), precision and calls."""
+    by time. ``whole_ms`` is the whole model's median (default: the profiled runs' mean).
+
+    Returns ``{"tool", "runs", "rows", "total_ms", "whole_model_median_ms", "coverage",
+    "macs_total", "notes"}`` (ONNX adds ``by_precision``, ``fp32_compute``, ``qdq_ms``); a
+    row has name, type, params, macs, bytes, ms, share (% of the whole), precision, calls.
+    """
     subject, _, _ = _open(target, threads)
     shape = tuple(int(d) for d in input_shape)
     if subject.runtime == "onnxruntime":
@@ -55,26 +62,43 @@ def profile_layers(target, *, input_shape: Sequence[int], threads: int,
         raise TorchslimError(f"--layers needs an eager PyTorch model or an ONNX file; "
                              f"{subject.default_name} is {subject.runtime}, whose layers "
                              "forward hooks cannot see")
-    return finish(out)
+    return finish(out, whole_ms)
 
 
-def finish(out: dict[str, Any]) -> dict[str, Any]:
-    """Sort rows by time, add each row's share of the total, and the MACs total."""
-    rows = sorted(out["rows"], key=lambda r: r["ms"], reverse=True)
-    total = sum(r["ms"] for r in rows)
+def finish(out: dict[str, Any], whole_ms: float | None) -> dict[str, Any]:
+    """Add the outside-the-layers row, each row's share of the whole, sort by time."""
+    whole = whole_ms or out["profiled_run_ms"]
+    measured = sum(r["ms"] for r in out["rows"] if r["ms"] is not None)
+    outside = {"name": out["outside_name"], "type": "", "params": 0, "macs": 0, "bytes": 0,
+               "ms": max(0.0, whole - measured), "precision": None, "calls": None}
+    rows = sorted([*out["rows"], outside],
+                  key=lambda r: (r["ms"] is None, -(r["ms"] or 0.0)))
     for r in rows:
-        r["share"] = 100.0 * r["ms"] / total if total > 0 else 0.0
+        r["share"] = None if r["ms"] is None or not whole else 100.0 * r["ms"] / whole
     counted = [r["macs"] for r in rows if r["macs"] is not None]
-    return {**out, "rows": rows, "total_ms": total, "macs_total": sum(counted)}
+    extra = {k: v for k, v in out.items() if k not in ("rows", "outside_name")}
+    return {**extra, "rows": rows, "total_ms": measured, "whole_model_median_ms": whole_ms,
+            "coverage": measured / whole if whole else None, "macs_total": sum(counted)}
+
+
+def _central(totals: Sequence[float]) -> np.ndarray:
+    """Which runs have a total between the CENTRAL percentiles (all, if none do)."""
+    totals = np.asarray(totals, dtype=np.float64)
+    lo, hi = np.percentile(totals, CENTRAL)
+    keep = (totals >= lo) & (totals <= hi)
+    return keep if keep.any() else np.ones(len(totals), dtype=bool)
 
 
 def central_mean(per_run: list[dict[str, float]], totals: Sequence[float]) -> dict[str, float]:
-    """Each key's mean over the runs whose total lies between the 25th and 75th percentile."""
-    totals = np.asarray(totals, dtype=np.float64)
-    lo, hi = np.percentile(totals, [25, 75])
-    keep = [run for run, t in zip(per_run, totals, strict=True) if lo <= t <= hi] or per_run
+    """Each key's mean over the runs around the median total (see CENTRAL)."""
+    keep = [run for run, k in zip(per_run, _central(totals), strict=True) if k]
     keys = {k for run in keep for k in run}
     return {k: sum(run.get(k, 0.0) for run in keep) / len(keep) for k in keys}
+
+
+def central_total(totals: Sequence[float]) -> float:
+    """The mean total of the same runs: what ``central_mean``'s rows add up to."""
+    return float(np.asarray(totals, dtype=np.float64)[_central(totals)].mean())
 
 
 # ---------------------------------------------------------------------------- torch
@@ -137,26 +161,34 @@ class _MacCalls(_Calls):
             self.stack[-1][2] += inclusive
 
 
-class _RangeCalls(_Calls):
-    """A ``torch.profiler`` range around every module call."""
+class _TimedCalls(_Calls):
+    """Wall time of every leaf module's calls, per run (a call of the root delimits a run)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.open: list = []
+        self.leaves = {n for m, n in self.names.items() if next(m.children(), None) is None}
+        self.clock: list[int] = []
+        self.runs: list[dict[str, float]] = []
+        self.totals: list[float] = []
 
     def enter(self, name: str) -> None:
-        rf = torch.autograd.profiler.record_function(RANGE_PREFIX + name)
-        rf.__enter__()
-        self.open.append(rf)
+        if name == "":
+            self.runs.append(defaultdict(float))
+        self.clock.append(time.perf_counter_ns())  # last: nothing of the hook is timed
 
     def leave(self, name: str) -> None:
-        self.open.pop().__exit__(None, None, None)
+        end = time.perf_counter_ns()  # first
+        ms = (end - self.clock.pop()) / 1e6
+        if name in self.leaves:
+            self.runs[-1][name] += ms
+        if name == "":
+            self.totals.append(ms)
 
 
 def profile_torch(model: nn.Module, example: torch.Tensor, *, threads: int,
                   min_run_time: float) -> dict[str, Any]:
-    """Rows for every module with its own params, MACs or time; the root module's own row
-    holds what runs outside any submodule (and the hooks' Python)."""
+    """A timed row per leaf module; a container with its own params or MACs (ops written in
+    its forward) gets an untimed "own ops" row, so the MACs column adds up exactly."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with _eval_mode(model), torch_threads(threads), torch.inference_mode():
@@ -164,66 +196,30 @@ def profile_torch(model: nn.Module, example: torch.Tensor, *, threads: int,
         macs = _MacCalls(model, counter)
         with counter, macs:
             model(example)
-        runs = _runs_for(model, example, min_run_time, MAX_TORCH_RUNS)
-        per_run, totals = _profiled_runs(model, example, runs)
-    ms = central_mean(per_run, totals)
+        model(example)  # warm again without the counter
+        timed = _TimedCalls(model)
+        with timed:
+            start = time.perf_counter()
+            while len(timed.totals) < MAX_PROFILED_RUNS and (
+                    len(timed.totals) < MIN_PROFILED_RUNS
+                    or time.perf_counter() - start < min_run_time):
+                model(example)
+    ms = central_mean(timed.runs, timed.totals)
     rows = []
     for module, name in macs.names.items():
         params, nbytes = _own_weights(module)
-        if not (params or macs.self_macs.get(name) or ms.get(name)):
+        leaf = name in timed.leaves
+        if not (leaf or params or macs.self_macs.get(name)):
             continue
-        leaf = not any(True for _ in module.children())
-        label = name or f"({type(module).__name__}: outside submodules)"
-        rows.append({"name": label if leaf or not name else f"{name} (own ops)",
+        label = name or type(module).__name__
+        rows.append({"name": label if leaf else f"{label} (own ops)",
                      "type": type(module).__name__, "params": params,
                      "macs": macs.self_macs.get(name, 0), "bytes": nbytes,
-                     "ms": ms.get(name, 0.0), "precision": None,
+                     "ms": ms.get(name, 0.0) if leaf else None, "precision": None,
                      "calls": macs.calls.get(name, 0)})
-    return {"tool": "torch.profiler", "runs": len(per_run), "rows": rows, "notes": []}
-
-
-def _runs_for(model, example, min_run_time: float, cap: int) -> int:
-    """As many runs as fit in ``min_run_time`` unprofiled (warm), within the bounds."""
-    model(example)
-    start = time.perf_counter()
-    model(example)
-    one = max(time.perf_counter() - start, 1e-6)
-    return int(min(cap, max(MIN_PROFILED_RUNS, min_run_time / one)))
-
-
-def _profiled_runs(model, example, runs: int) -> tuple[list[dict[str, float]], list[float]]:
-    """Per run: each module's self time in ms; and each run's total (the root's range)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _RangeCalls(model), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
-            model(example)
-    ranges = sorted(
-        ((e.time_range.start, e.time_range.end, e.name[len(RANGE_PREFIX):])
-         for e in prof.events() if e.name.startswith(RANGE_PREFIX)),
-        key=lambda t: (t[0], -t[1]))
-    root = ""
-    per_run: list[dict[str, float]] = []
-    totals: list[float] = []
-    stack: list[list] = []  # [end, name, callees' us, own us]: the ranges still open
-    for start, end, name in ranges:
-        while stack and stack[-1][0] <= start:
-            _close(stack, per_run)
-        if name == root and not stack:
-            per_run.append(defaultdict(float))
-            totals.append((end - start) / 1e3)
-        if stack:
-            stack[-1][2] += end - start
-        stack.append([end, name, 0.0, end - start])
-    while stack:
-        _close(stack, per_run)
-    return per_run, totals
-
-
-def _close(stack: list[list], per_run: list[dict[str, float]]) -> None:
-    _, name, callees, dur = stack.pop()
-    if per_run:
-        per_run[-1][name] += (dur - callees) / 1e3
+    return {"tool": "forward hooks (perf_counter)", "runs": len(timed.totals), "rows": rows,
+            "notes": [], "profiled_run_ms": central_total(timed.totals),
+            "outside_name": "(outside leaf layers: container code, Python)"}
 
 
 def _own_weights(module: nn.Module) -> tuple[int, int]:
