@@ -25,8 +25,9 @@ WARMUP_CALLS = 3
 # At least this many timed calls, however slow the model: fewer make the percentiles noise.
 MIN_RUNS = 10
 # Coefficient of variation (std / mean of the timed calls) above which the figures are
-# flagged: on a quiet machine a batch-1 CNN's calls vary by a few percent; over 15 % the
-# calls were disturbed (other processes, frequency changes) and the tails mean little.
+# flagged. A CPU kernel's own call-to-call jitter is a few percent; what pushes the CV past
+# 15 % is calls descheduled by other processes: on this project's shared 2-core box under
+# load, CVs of 20-90 % were measured, with the mean 2-5x the median.
 CV_WARN = 0.15
 
 
