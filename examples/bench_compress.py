@@ -51,8 +51,11 @@ def recipe(arch: str, epochs: int) -> list:
             QuantizeConfig(mode="static")]
 
 
-def rows_for(arch: str, steps) -> list[list]:
+def rows_for(arch: str, result) -> list[list]:
+    steps = result.steps
     base = steps[0].record
+    # the input's fastest fp32 runtime: eager torch or its fp32 export in ONNX Runtime
+    fastest = min(r["latency_ms_median"] for r in [base, *result.baselines])
     out = []
     for s in steps:
         r = s.record
@@ -61,6 +64,7 @@ def rows_for(arch: str, steps) -> list[list]:
                     f"{base['file_bytes'] / r['file_bytes']:.2f}x",
                     f"{base['macs'] / r['macs']:.2f}x" if r["macs"] else "-",
                     f"{base['latency_ms_median'] / r['latency_ms_median']:.2f}x",
+                    f"{fastest / r['latency_ms_median']:.2f}x",
                     f"{r['accuracy'] - base['accuracy']:+.2f}"])
     return out
 
@@ -80,11 +84,12 @@ def main() -> None:
                 load_model(base), recipe(arch, args.epochs), Path(tmp) / f"{arch}-slim.onnx",
                 data=data, threads=args.threads,
                 hooks=Hooks(stage=lambda t, a=arch: print(f"  {a}: {t}")))
-            table += rows_for(arch, result.steps)
+            table += rows_for(arch, result)
     print()
     print(tabulate(table, headers=["model", "step", "runtime", "params", "file KB", "MACs",
                                    "ms b1", "top-1 %", "x smaller", "x fewer MACs",
-                                   "x faster", "Δ top-1"], tablefmt="github"))
+                                   "x faster vs fp32 torch", "x faster vs fastest fp32",
+                                   "Δ top-1"], tablefmt="github"))
     print(f"\ndigits at {args.size}x{args.size}, latency batch 1, {args.threads} thread(s)")
 
 

@@ -211,17 +211,6 @@ def test_runtime_onnxruntime_alone_and_bad_runtime(trained_tiny):
     assert bad.exit_code == 2 and "--runtime must be one of torch, onnxruntime, all" in bad.stderr
 
 
-def test_compress_table_has_the_onnxruntime_baseline(trained_tiny, tmp_path):
-    res = runner.invoke(app, ["compress", str(trained_tiny), "-o", str(tmp_path / "o.onnx"),
-                              "--quantize", "dynamic", "--threads", "1", "--min-time", "0.02"])
-    assert res.exit_code == 0, res.output
-    assert "vs fastest fp32: against input in onnxruntime" in res.stdout
-    md = (tmp_path / "o.report.md").read_text()
-    assert "x faster vs fp32 torch" in md and "x faster vs fastest fp32 (" in md
-    runtimes = [line.split("|")[2].strip() for line in md.splitlines()[2:5]]
-    assert runtimes == ["torch", "onnxruntime", "onnxruntime"]  # input twice, then int8
-
-
 def test_demo_story_has_both_speedups():
     from torchslim.cli.demo import story_rows
 
