@@ -66,13 +66,12 @@ def _write_onnx(model, path, meta, spec, force, inputs) -> Path:
 
 def export_program(model: nn.Module, spec: InputSpec):
     """torch.export with a dynamic batch axis; errors name torch.export's own reason."""
-    from .onnx_quant import _root_cause
+    from .onnx_quant import _root_cause, export_args
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    root, example, dynamic = export_args(model, spec)
     try:
         with torch.no_grad():
-            return torch.export.export(model.eval(), spec.example(2),  # batch 1 would specialise
-                                       dynamic_shapes=tuple({0: batch} for _ in spec.tensors))
+            return torch.export.export(root, example, dynamic_shapes=dynamic)
     except Exception as exc:  # torch.export raises many types; its reason is what matters
         raise TorchslimError(f"cannot export the model with torch.export: {_root_cause(exc)}; "
                              "write .onnx or .pt instead") from exc

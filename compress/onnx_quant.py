@@ -67,26 +67,47 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class ExportRoot(nn.Module):
+    """The model one level down. torch.export builds a GraphModule whose own attributes
+    (``meta``, ``graph``, ``code``...) would clash with a user's top-level submodule of that
+    name (a ``self.meta = nn.Linear`` fails to export); nested, the names cannot collide."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor):
+        return self.model(*xs)
+
+
+def export_args(model: nn.Module, spec) -> tuple[nn.Module, tuple, tuple]:
+    """(root module, example inputs, dynamic shapes) for torch.export / torch.onnx.export,
+    with a dynamic batch axis on every input. The example has batch 2: at batch 1 the
+    exporter specialises the batch dimension to a constant."""
+    from .artifact import ExportedModule
+
+    model = model.eval()
+    if isinstance(model, ExportedModule):  # a loaded .pt2: export its graph again
+        model = model.graph
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = spec.example(2)
+    return ExportRoot(model), example, (tuple({0: batch} for _ in example),)
+
+
 def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
     """Export eval-mode ``model`` to one self-contained ONNX file with a dynamic batch axis.
 
     ``inputs`` is an InputSpec (or a (C, H, W) shape for one float image input). A single
     input is named ``input``; several keep ``forward``'s parameter names.
     """
-    from .artifact import ExportedModule
-
-    model = model.eval()
     spec = resolve(inputs, model=model)
-    if isinstance(model, ExportedModule):  # export the graph itself: it has named inputs
-        model = model.graph
-    example = spec.example(1)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    names = input_names(model, len(spec.tensors))
+    root, example, dynamic = export_args(model, spec)
     try:
         with _quiet(), torch.no_grad():
             torch.onnx.export(
-                model, example, str(path), input_names=input_names(model, len(example)),
-                output_names=[OUTPUT], dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes=tuple({0: batch} for _ in example),
+                root, example, str(path), input_names=names, output_names=[OUTPUT],
+                dynamo=True, external_data=False, verbose=False, dynamic_shapes=dynamic,
             )
     except Exception as exc:  # the exporter raises many types; its reason is what matters
         raise TorchslimError(
