@@ -29,6 +29,8 @@ _QUANT_INPUTS: dict[str, tuple[dict[int, int], set[int]]] = {
     "ConvInteger": ({0: 2, 1: 3}, {2, 3}),
     "QLinearMatMul": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
     "QLinearConv": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+    # X, W, R, B, seq_lens, h0, c0, P, W_scale, W_zero_point, R_scale, R_zero_point
+    "DynamicQuantizeLSTM": ({1: 9, 2: 11}, {8, 9, 10, 11}),
 }
 
 

@@ -225,6 +225,9 @@ def test_token_ids_report_quantize_and_prune(in_project):
     out = oq.OnnxRunner(in_project / "q.onnx")(tokens)
     ref = load_model(in_project / "lstm.pt", trust=True).model(tokens)
     assert out.shape == (5, 3) and (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-3
+    res = runner.invoke(app, ["report", "q.onnx", "-f", "json", *FAST])
+    assert res.exit_code == 0, res.output  # the int8 LSTM's weights count as parameters
+    assert json.loads(res.stdout)[0]["params"] == LSTM["params"]
     res = runner.invoke(app, ["prune", "lstm.pt", "--trust", "--input", "1,12:int64",
                               "--ratio", "0.5", "-o", "lp.pt", "--force", "-f", "json"])
     assert res.exit_code == 0, res.output
