@@ -12,23 +12,20 @@ from tabulate import tabulate
 from ..compress.agreement import agreement
 from ..compress.baselines import RUNTIMES, measure_runtimes
 from ..compress.errors import UsageError
+from ..compress.inputs import InputSpec
+from ..compress.io import LoadOptions
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     FormatOpt,
     ImageSizeOpt,
-    InChannelsOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     SeedOpt,
     ThreadsOpt,
-    TrustOpt,
     check_format,
     command,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
@@ -47,28 +44,28 @@ from .render import (
 )
 
 
-def measure_files(paths, *, data, image_size, channels, seed, input_shape, threads, batch_size,
-                  trust, arch, num_classes, in_channels, min_run_time=None, runtime="torch",
-                  layers=False, agreement_samples=None):
+def measure_files(paths, *, data, image_size, channels, seed, threads, batch_size,
+                  load: LoadOptions, min_run_time=None, runtime="torch", layers=False,
+                  agreement_samples=None):
     """Load and measure each file in the runtime(s) asked for; data is loaded once, sized like
     the first model. ``agreement_samples`` adds each file's agreement with the first."""
     records, histories, loaded_files = [], [], []
     split = None
     for path in paths:
-        loaded = open_model(path, trust=trust, arch=arch, num_classes=num_classes,
-                            in_channels=in_channels, input_shape=input_shape)
+        loaded = open_model(path, load)
         if data and split is None:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               like=loaded)
         with stderr_console.status(f"measuring {path}..."):
             measured = measure_runtimes(
-                loaded, runtime, name=str(path), input_shape=input_shape, data=split,
+                loaded, runtime, name=str(path), inputs=load.inputs, data=split,
                 threads=threads, batch_size=batch_size, min_run_time=min_run_time,
                 layers=layers)
         if agreement_samples:
             with stderr_console.status(f"comparing {path}'s outputs with {paths[0]}'s..."):
                 agreed = agreement(loaded_files[0] if loaded_files else loaded, loaded,
-                                   input_shape=measured[0].input_shape, data=split,
+                                   inputs=load.inputs or InputSpec.parse(measured[0].inputs),
+                                   data=split,
                                    n=agreement_samples, threads=measured[0].threads)
             for rec in measured:
                 rec.fidelity_top1_agreement = agreed["fidelity_top1_agreement"]
@@ -188,17 +185,19 @@ def register(app: typer.Typer) -> None:
             "  torchslim report pd.pt pd-pruned.pt --layers --top 10\n\n"
             "  torchslim report pd.pt pd-int8.onnx --agreement --data digits\n\n"
             "  torchslim report weights.pth --arch resnet_small --input-shape 1,8,8 -f json\n\n"
+            "  torchslim report model.pt --trust --input-shape 1,32,32   (your own class)\n\n"
+            "  torchslim report lstm.pt --trust --input 1,20:int64   (token ids)\n\n"
             "ONNX exports for --runtime onnxruntime/all are cached in $TORCHSLIM_CACHE_DIR "
             "(default ~/.cache/torchslim/onnx), keyed by the model file's SHA-256."
         ),
     )
+    @model_options
     def report_cmd(
         models: Annotated[list[Path], typer.Argument(help="Model files; the first is the "
                                                           "baseline for ratios.")],
         data: DataOpt = None,
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         threads: ThreadsOpt = None,
         batch_size: Annotated[int, typer.Option(help="Larger batch for throughput latency.")] = 32,
         min_time: Annotated[
@@ -211,7 +210,7 @@ def register(app: typer.Typer) -> None:
             "Runtime.")] = "torch",
         layers: Annotated[bool, typer.Option(
             "--layers", help="Per-layer profile: params, MACs, weight bytes and share of "
-            "the batch-1 time (torch.profiler / ONNX Runtime's profiler); two models are "
+            "the batch-1 time (forward hooks / ONNX Runtime's profiler); two models are "
             "lined up by layer name.")] = False,
         top: Annotated[int, typer.Option(help="Layers shown by --layers before 'rest'.")] = 15,
         agreement_flag: Annotated[bool, typer.Option(
@@ -221,11 +220,8 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[int, typer.Option(
             help="Inputs for --agreement.")] = 256,
         fmt: FormatOpt = "table",
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
         seed: SeedOpt = 0,
+        load: LoadOptions = None,
     ) -> None:
         """Measure models: params, non-zero params, file size, MACs, latency statistics,
         accuracy; optionally per layer, in several runtimes, and against the first model."""
@@ -236,9 +232,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--samples must be at least 1, got {samples}")
         records, histories = measure_files(
             models, data=data, image_size=image_size, channels=channels, seed=seed,
-            input_shape=parse_input_shape(input_shape), threads=threads, batch_size=batch_size,
-            trust=trust, arch=arch, num_classes=num_classes, in_channels=in_channels,
-            min_run_time=min_time, runtime=runtime, layers=layers,
-            agreement_samples=samples if agreement_flag else None,
+            threads=threads, batch_size=batch_size, load=load, min_run_time=min_time,
+            runtime=runtime, layers=layers, agreement_samples=samples if agreement_flag else None,
         )
         _emit(records, histories, fmt, top)

@@ -26,6 +26,7 @@ import torch
 
 from .. import __version__
 from .errors import TorchslimError, UsageError
+from .inputs import InputSpec, as_spec, resolve
 from .io import LoadedModel, atomic_write, load_model
 from .measure import DEFAULT_MIN_RUN_TIME, Measurement, measure
 
@@ -34,40 +35,43 @@ RUNTIMES = ("torch", "onnxruntime", "all")
 
 
 def measure_runtimes(loaded: LoadedModel, runtime: str = "torch", *, name: str | None = None,
-                     input_shape=None, data=None, threads: int | None = None,
+                     inputs=None, data=None, threads: int | None = None,
                      batch_size: int = 32, min_run_time: float | None = None,
                      layers: bool = False, use_cache: bool = True) -> list[Measurement]:
     """Measure ``loaded`` in the runtime(s) asked for: ``torch`` (eager PyTorch),
     ``onnxruntime`` (an fp32 ONNX export, cached) or ``all``. An ONNX file always runs in
-    ONNX Runtime, its only runtime. ``layers`` adds a per-layer profile to each record."""
+    ONNX Runtime, its only runtime. ``inputs`` is an InputSpec or a (C, H, W) shape (default:
+    the file's metadata, then the data). ``layers`` adds a per-layer profile to each record."""
     if runtime not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     name = name or loaded.name
     kw = {"data": data, "threads": threads, "batch_size": batch_size,
           "min_run_time": min_run_time}
+    spec = as_spec(inputs)
     if loaded.kind == "onnx" or loaded.model is None or runtime == "torch":
-        return [_measure(loaded, name, input_shape, layers, kw)]
-    records = [_measure(loaded, name, input_shape, layers, kw)] if runtime == "all" else []
-    shape = input_shape or (records[0].input_shape if records else None) \
-        or loaded.meta.input_shape or getattr(data, "input_shape", None)
-    if not shape:
+        return [_measure(loaded, name, spec, layers, kw)]
+    records = [_measure(loaded, name, spec, layers, kw)] if runtime == "all" else []
+    spec = resolve(spec, InputSpec.parse(records[0].inputs) if records else None,
+                   loaded.meta.input_spec(), getattr(data, "inputs", None), model=loaded.model)
+    if spec is None:
         raise TorchslimError(f"no input shape known for {name}: pass --input-shape C,H,W "
-                             "(or --data, whose samples give the shape)")
-    with fp32_onnx(loaded, shape, use_cache=use_cache) as path:
-        rec = _measure(load_model(path), name, shape, layers, kw)
+                             "(or --input SHAPE:DTYPE per input, or --data)")
+    with fp32_onnx(loaded, spec, use_cache=use_cache) as path:
+        rec = _measure(load_model(path), name, spec, layers, kw)
     where = f"cached as {path}" if use_cache and path.exists() else "exported for this run"
     rec.notes.append(f"measured in onnxruntime through an fp32 ONNX export ({where})")
     return [*records, rec]
 
 
-def _measure(target, name, input_shape, layers: bool, kw) -> Measurement:
-    rec = measure(target, name=name, input_shape=input_shape, **kw)
+def _measure(target, name, spec, layers: bool, kw) -> Measurement:
+    rec = measure(target, name=name, inputs=spec, **kw)
     if layers:
         from .profile import profile_layers
 
         run_time = kw["min_run_time"] or DEFAULT_MIN_RUN_TIME
-        rec.layers = profile_layers(target, input_shape=rec.input_shape, threads=rec.threads,
-                                    min_run_time=run_time, whole_ms=rec.latency_ms_median)
+        rec.layers = profile_layers(target, inputs=InputSpec.parse(rec.inputs),
+                                    threads=rec.threads, min_run_time=run_time,
+                                    whole_ms=rec.latency_ms_median)
     return rec
 
 
@@ -79,7 +83,7 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "torchslim"
 
 
-def export_key(loaded: LoadedModel, input_shape) -> str:
+def export_key(loaded: LoadedModel, spec: InputSpec) -> str:
     """SHA-256 of the model file and of what else the export depends on."""
     digest = hashlib.sha256()
     if loaded.path is not None:
@@ -90,50 +94,51 @@ def export_key(loaded: LoadedModel, input_shape) -> str:
         digest.update(repr(loaded.model).encode())
         for k, v in loaded.model.state_dict().items():
             digest.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    context = {"kind": loaded.kind, "arch": loaded.meta.arch, "shape": list(input_shape),
+    context = {"kind": loaded.kind, "arch": loaded.meta.arch, "inputs": spec.texts(),
                "torch": torch.__version__, "torchslim": __version__}
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
 @contextmanager
-def fp32_onnx(loaded: LoadedModel, input_shape, *, use_cache: bool = True) -> Iterator[Path]:
-    """An fp32 ONNX file of ``loaded``'s torch model (from the cache, or exported now), with
-    its metadata and MACs recorded so a measurement of it shows them."""
+def fp32_onnx(loaded: LoadedModel, inputs, *, use_cache: bool = True) -> Iterator[Path]:
+    """An fp32 ONNX file of ``loaded``'s torch model for ``inputs`` (an InputSpec or a
+    (C, H, W) shape), from the cache or exported now, with its metadata and MACs recorded so
+    a measurement of it shows them."""
     if loaded.model is None or loaded.kind == "onnx":
         raise TorchslimError(f"{loaded.path} is already an ONNX file; it needs no export")
-    shape = tuple(int(d) for d in input_shape)
+    spec = resolve(inputs, model=loaded.model)
     stem = loaded.path.stem if loaded.path is not None else "model"
     cached = None
     if use_cache:
-        cached = cache_dir() / "onnx" / f"{stem}-{export_key(loaded, shape)[:24]}.onnx"
+        cached = cache_dir() / "onnx" / f"{stem}-{export_key(loaded, spec)[:24]}.onnx"
         if not cached.is_file():
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                _export(loaded, shape, cached)
+                _export(loaded, spec, cached)
             except OSError:  # read-only home, full disk: export for this run only
                 cached = None
     if cached is not None:
         yield cached
         return
     with tempfile.TemporaryDirectory(prefix="torchslim-onnx-") as tmp:
-        yield _export(loaded, shape, Path(tmp) / f"{stem}.onnx")
+        yield _export(loaded, spec, Path(tmp) / f"{stem}.onnx")
 
 
-def _export(loaded: LoadedModel, shape: tuple[int, ...], dst: Path) -> Path:
+def _export(loaded: LoadedModel, spec: InputSpec, dst: Path) -> Path:
     from . import onnx_quant as oq
     from .measure import count_macs
 
     module = copy.deepcopy(loaded.model).float().eval()
     try:
-        macs = int(count_macs(module, torch.zeros(1, *shape)))
+        macs = int(count_macs(module, spec.example(1)))
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         macs = None  # the export still runs; the row shows no MACs
     meta = copy.deepcopy(loaded.meta)
-    meta.input_shape = shape
+    meta.set_input_spec(spec)
     with tempfile.TemporaryDirectory(prefix="torchslim-export-") as tmp:
         try:
-            raw = oq.export_onnx(module, shape, Path(tmp) / "raw.onnx")
+            raw = oq.export_onnx(module, spec, Path(tmp) / "raw.onnx")
         except TorchslimError as exc:
             raise TorchslimError(f"cannot measure {loaded.name} in onnxruntime: {exc}; or "
                                  "measure it with --runtime torch") from exc

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import TorchslimError
+from .inputs import resolve
 from .latency import torch_threads
 from .measure import EXTRA_FLOP_FORMULAS, QUANT_STORAGE, _eval_mode, _example, _open
 
@@ -40,24 +41,26 @@ MAX_PROFILED_RUNS = 2000
 CENTRAL = (40, 60)  # percentiles of the run totals whose runs the layer times come from
 
 
-def profile_layers(target, *, input_shape: Sequence[int], threads: int,
-                   min_run_time: float = 0.5, whole_ms: float | None = None) -> dict[str, Any]:
-    """Per-layer rows of ``target`` (nn.Module, or a LoadedModel; ONNX runs in ORT), sorted
-    by time. ``whole_ms`` is the whole model's median (default: the profiled runs' mean).
+def profile_layers(target, *, inputs, threads: int, min_run_time: float = 0.5,
+                   whole_ms: float | None = None) -> dict[str, Any]:
+    """Per-layer rows of ``target`` (nn.Module, or a LoadedModel; ONNX runs in ORT) at batch
+    1 on generated ``inputs`` (an InputSpec or a (C, H, W) shape), sorted by time.
+    ``whole_ms`` is the whole model's median (default: the profiled runs' mean).
 
     Returns ``{"tool", "runs", "rows", "total_ms", "whole_model_median_ms", "coverage",
     "macs_total", "notes"}`` (ONNX adds ``by_precision``, ``fp32_compute``, ``qdq_ms``); a
     row has name, type, params, macs, bytes, ms, share (% of the whole), precision, calls.
     """
     subject, _, _ = _open(target, threads)
-    shape = tuple(int(d) for d in input_shape)
+    spec = resolve(inputs, model=getattr(subject, "model", None))
+    example = _example(spec, 1, subject.dtype)
     if subject.runtime == "onnxruntime":
         from .profile_onnx import profile_onnx
 
-        out = profile_onnx(subject.files[0], shape, threads=threads, min_run_time=min_run_time)
+        out = profile_onnx(subject.files[0], subject.prepare(example), threads=threads,
+                           min_run_time=min_run_time)
     elif subject.runtime == "torch":
-        out = profile_torch(subject.model, _example(shape, 1, subject.dtype), threads=threads,
-                            min_run_time=min_run_time)
+        out = profile_torch(subject.model, example, threads=threads, min_run_time=min_run_time)
     else:
         raise TorchslimError(f"--layers needs an eager PyTorch model or an ONNX file; "
                              f"{subject.default_name} is {subject.runtime}, whose layers "
@@ -185,7 +188,7 @@ class _TimedCalls(_Calls):
             self.totals.append(ms)
 
 
-def profile_torch(model: nn.Module, example: torch.Tensor, *, threads: int,
+def profile_torch(model: nn.Module, example: tuple[torch.Tensor, ...], *, threads: int,
                   min_run_time: float) -> dict[str, Any]:
     """A timed row per leaf module; a container with its own params or MACs (ops written in
     its forward) gets an untimed "own ops" row, so the MACs column adds up exactly."""
@@ -195,15 +198,15 @@ def profile_torch(model: nn.Module, example: torch.Tensor, *, threads: int,
         counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
         macs = _MacCalls(model, counter)
         with counter, macs:
-            model(example)
-        model(example)  # warm again without the counter
+            model(*example)
+        model(*example)  # warm again without the counter
         timed = _TimedCalls(model)
         with timed:
             start = time.perf_counter()
             while len(timed.totals) < MAX_PROFILED_RUNS and (
                     len(timed.totals) < MIN_PROFILED_RUNS
                     or time.perf_counter() - start < min_run_time):
-                model(example)
+                model(*example)
     ms = central_mean(timed.runs, timed.totals)
     rows = []
     for module, name in macs.names.items():

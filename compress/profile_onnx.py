@@ -54,13 +54,13 @@ _PRECISION = {"float": "fp32", "float16": "fp16", "double": "fp64", "bfloat16": 
               "uint8": "int8", "int8": "int8"}
 
 
-def profile_onnx(path: Path, shape: tuple[int, ...], *, threads: int,
+def profile_onnx(path: Path, feed: dict[str, np.ndarray], *, threads: int,
                  min_run_time: float) -> dict[str, Any]:
-    """Rows per node of the optimised graph, plus what runs outside the nodes."""
+    """Rows per node of the optimised graph, run on ``feed`` (input name -> array)."""
     with tempfile.TemporaryDirectory(prefix="torchslim-ortprof-") as tmp:
         nodes, inits, notes = _optimized_graph(Path(path), threads, Path(tmp))
         cost_us = _profiler_cost_us(threads, Path(tmp))
-        events = _profile_events(Path(path), shape, threads, min_run_time, Path(tmp))
+        events = _profile_events(Path(path), feed, threads, min_run_time, Path(tmp))
     per_run, totals, seen = _runs(events, cost_us)
     ms = central_mean(per_run, totals)
     rows = [_row(name, args, nodes.get(name), inits, ms.get(name, 0.0))
@@ -107,21 +107,15 @@ def _optimized_graph(path: Path, threads: int, tmp: Path):
     return {n.name: n for n in graph.node}, {t.name: t for t in graph.initializer}, []
 
 
-def _profile_events(path: Path, shape, threads: int, min_run_time: float, tmp: Path,
-                    x: np.ndarray | None = None) -> list:
-    from .measure_onnx import _ORT_DTYPES
-
+def _profile_events(path: Path, feed: dict, threads: int, min_run_time: float,
+                    tmp: Path) -> list:
     sess = _session(path, threads, enable_profiling=True, profile_file_prefix=str(tmp / "p"))
-    inp = sess.get_inputs()[0]
-    if x is None:
-        gen = np.random.default_rng(0)
-        x = gen.standard_normal((1, *shape)).astype(_ORT_DTYPES.get(inp.type, np.float32))
     for _ in range(WARMUP_RUNS):
-        sess.run(None, {inp.name: x})
+        sess.run(None, feed)
     start, runs = time.perf_counter(), 0
     while runs < MAX_PROFILED_RUNS and (runs < MIN_PROFILED_RUNS
                                    or time.perf_counter() - start < min_run_time):
-        sess.run(None, {inp.name: x})
+        sess.run(None, feed)
         runs += 1
     return json.loads(Path(sess.end_profiling()).read_text())
 
@@ -142,7 +136,7 @@ def _profiler_cost_us(threads: int, tmp: Path) -> float:
         [helper.make_tensor_value_info(f"t{CHAIN}", TensorProto.FLOAT, [1])])
     path = tmp / "chain.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    events = _profile_events(path, (1,), threads, 0.05, tmp, x=np.ones(1, dtype=np.float32))
+    events = _profile_events(path, {"t0": np.ones(1, dtype=np.float32)}, threads, 0.05, tmp)
     per_run, totals, _ = _runs(events, 0.0)
     return float(sum(central_mean(per_run, totals).values()) / CHAIN * 1e3)
 

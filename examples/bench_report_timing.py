@@ -61,7 +61,7 @@ def torch_benchmark_ms(model, threads: int, min_time: float) -> float:
 
 def ort_loop_ms(path: Path, threads: int, min_time: float) -> float:
     subject = OnnxSubject(path, threads)  # the same session options as report's
-    feed = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
+    feed = subject.prepare((torch.randn(1, *SHAPE),))
     for _ in range(5):
         subject.timed(feed)
     times, start = [], time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pt, q = (args.pt, args.onnx) if args.pt and args.onnx else build(Path(tmp))
         kw = {"threads": args.threads, "min_run_time": args.min_time, "layers": True,
-              "input_shape": SHAPE}
+              "inputs": SHAPE}
         loaded = load_model(pt)
         rows = []
         torch_rec, ort_rec = measure_runtimes(loaded, "all", name=pt.name, **kw)

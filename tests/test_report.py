@@ -241,7 +241,7 @@ def test_median_agrees_with_torch_benchmark_and_an_ort_loop(trained_tiny, tiny_i
     x = torch.randn(1, 1, 8, 8)
     timer = benchmark.Timer("m(x)", globals={"m": loaded.model.eval(), "x": x}, num_threads=1)
     subject = OnnxSubject(tiny_int8, 1)
-    feed = x.numpy()
+    feed = subject.prepare((x,))
 
     def ort_loop() -> float:
         for _ in range(10):
@@ -273,7 +273,7 @@ def test_median_agrees_with_torch_benchmark_and_an_ort_loop(trained_tiny, tiny_i
 def test_layers_of_a_torch_model_add_up(trained_tiny):
     loaded = load_model(trained_tiny)
     rec = measure(loaded, threads=1, min_run_time=0.1, batch_size=2)
-    prof = profile_layers(loaded, input_shape=(1, 8, 8), threads=1, min_run_time=0.1,
+    prof = profile_layers(loaded, inputs=(1, 8, 8), threads=1, min_run_time=0.1,
                           whole_ms=rec.latency_ms_median)
     rows = prof["rows"]
     assert prof["tool"].startswith("forward hooks") and prof["runs"] >= 10
@@ -294,7 +294,7 @@ def test_layers_of_a_torch_model_add_up(trained_tiny):
 
 def test_layers_of_an_int8_onnx_file(tiny_int8):
     rec = measure(load_model(tiny_int8), threads=1, min_run_time=0.1, batch_size=2)
-    prof = profile_layers(load_model(tiny_int8), input_shape=(1, 8, 8), threads=1,
+    prof = profile_layers(load_model(tiny_int8), inputs=(1, 8, 8), threads=1,
                           min_run_time=0.1, whole_ms=rec.latency_ms_median)
     rows = prof["rows"]
     assert prof["tool"] == "onnxruntime profiler"
@@ -355,7 +355,7 @@ def test_layers_refuse_torchscript(trained_tiny, tmp_path):
 
 def test_agreement_of_a_model_with_itself_and_its_int8(trained_tiny, tiny_int8, digits):
     loaded = load_model(trained_tiny)
-    same = agreement(loaded, loaded, input_shape=(1, 8, 8))
+    same = agreement(loaded, loaded, inputs=(1, 8, 8))
     assert same == {"fidelity_top1_agreement": 100.0, "fidelity_rel_error": 0.0}
     q = agreement(loaded, load_model(tiny_int8), data=digits, n=359)
     assert q["fidelity_top1_agreement"] >= 90.0 and 0 < q["fidelity_rel_error"] < 0.5
@@ -379,4 +379,4 @@ def test_agreement_needs_matching_outputs(trained_tiny):
 
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
     with pytest.raises(TorchslimError, match="outputs differ in shape"):
-        agreement(load_model(trained_tiny), other, input_shape=(1, 8, 8))
+        agreement(load_model(trained_tiny), other, inputs=(1, 8, 8))
