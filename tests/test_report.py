@@ -380,3 +380,34 @@ def test_agreement_needs_matching_outputs(trained_tiny):
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
     with pytest.raises(TorchslimError, match="outputs differ in shape"):
         agreement(load_model(trained_tiny), other, inputs=(1, 8, 8))
+
+
+def test_layers_and_agreement_of_a_two_input_model():
+    """A model of two inputs (an InputSpec): every layer's MACs counted, agreement with a
+    copy whose weights moved by 1e-4 close to perfect."""
+    from torch import nn
+
+    from torchslim.compress.inputs import InputSpec
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(4, 16), nn.Linear(16, 5)
+
+        def forward(self, x, y):
+            return self.head(torch.relu(self.a(x) + self.b(y)))
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    spec = InputSpec.parse(["1,8", "1,4"])
+    prof = profile_layers(model, inputs=spec, threads=1, min_run_time=0.02)
+    macs = {r["name"]: r["macs"] for r in prof["rows"]}
+    assert (macs["a"], macs["b"], macs["head"]) == (8 * 16, 4 * 16, 16 * 5)
+    assert prof["macs_total"] == measure(model, inputs=spec, threads=1, min_run_time=0.01,
+                                         batch_size=2).macs
+    nudged = TwoInputs().eval()
+    nudged.load_state_dict({k: v + 1e-4 * torch.randn_like(v)
+                            for k, v in model.state_dict().items()})
+    agreed = agreement(model, nudged, inputs=spec, n=64)
+    assert agreed["fidelity_top1_agreement"] >= 95.0
+    assert 0 < agreed["fidelity_rel_error"] < 1e-2
