@@ -2,10 +2,12 @@
 per-layer profile against the whole model, on PDModel and its static int8 ONNX file.
 
     python examples/bench_report_timing.py [--pt pd.pt --onnx pd-int8.onnx] [--threads 1]
-                                           [--min-time 2]
+                                           [--min-time 1] [--rounds 3]
 
 For each subject (the .pt in eager torch, the .pt in ONNX Runtime through report's fp32
-export, the int8 file in ONNX Runtime), in one process at one thread count:
+export, the int8 file in ONNX Runtime), in one process at one thread count, in ``--rounds``
+interleaved rounds (report, then the independent timer, then again), the figures being the
+medians over the rounds, so a machine whose speed drifts from second to second moves both:
 
 - report's batch-1 median (what `torchslim report --runtime all` prints), against an
   independent ``torch.utils.benchmark.Timer.blocked_autorange`` (torch) or a plain
@@ -72,14 +74,20 @@ def ort_loop_ms(path: Path, threads: int, min_time: float) -> float:
     return float(np.median(times)) * 1e3
 
 
-def check(rec, independent_ms: float) -> list:
-    lay = rec.layers
-    ratio = rec.latency_ms_median / independent_ms
-    return [rec.model, rec.runtime, f"{rec.latency_ms_median:.4f}", f"{independent_ms:.4f}",
-            f"{ratio:.3f}", "yes" if abs(ratio - 1) <= 0.15 else "NO",
-            f"{100 * (rec.latency_cv or 0):.1f}", f"{lay['total_ms']:.4f}",
-            f"{100 * lay['coverage']:.1f}", "yes" if abs(lay["coverage"] - 1) <= 0.10 else "NO",
-            f"{lay['macs_total']:,}", "yes" if lay["macs_total"] == rec.macs else "NO"]
+def check(recs: list, independent: list[float]) -> list:
+    """One table row from the rounds: medians of report's figures and of the timer's."""
+    rec = recs[0]
+    ours = float(np.median([r.latency_ms_median for r in recs]))
+    theirs = float(np.median(independent))
+    ratio = ours / theirs
+    coverage = float(np.median([r.layers["coverage"] for r in recs]))
+    layers_ms = float(np.median([r.layers["total_ms"] for r in recs]))
+    cv = float(np.median([r.latency_cv or 0 for r in recs]))
+    macs = {r.layers["macs_total"] for r in recs}
+    return [rec.model, rec.runtime, f"{ours:.4f}", f"{theirs:.4f}", f"{ratio:.3f}",
+            "yes" if abs(ratio - 1) <= 0.15 else "NO", f"{100 * cv:.1f}", f"{layers_ms:.4f}",
+            f"{100 * coverage:.1f}", "yes" if abs(coverage - 1) <= 0.10 else "NO",
+            f"{rec.layers['macs_total']:,}", "yes" if macs == {rec.macs} else "NO"]
 
 
 def main() -> None:
@@ -87,7 +95,8 @@ def main() -> None:
     ap.add_argument("--pt", type=Path)
     ap.add_argument("--onnx", type=Path)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--min-time", type=float, default=2.0, help="seconds per timing")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,17 +104,25 @@ def main() -> None:
         kw = {"threads": args.threads, "min_run_time": args.min_time, "layers": True,
               "inputs": SHAPE}
         loaded = load_model(pt)
-        rows = []
-        torch_rec, ort_rec = measure_runtimes(loaded, "all", name=pt.name, **kw)
-        rows.append(check(torch_rec, torch_benchmark_ms(loaded.model, args.threads,
-                                                        args.min_time)))
-        with fp32_onnx(loaded, SHAPE) as exported:  # the very file report measured
-            rows.append(check(ort_rec, ort_loop_ms(exported, args.threads, args.min_time)))
-        (int8_rec,) = measure_runtimes(load_model(q), name=q.name, **kw)
-        rows.append(check(int8_rec, ort_loop_ms(q, args.threads, args.min_time)))
+        subjects = {  # name: (report's records for it, the independent timer)
+            "torch": (lambda: measure_runtimes(loaded, "torch", name=pt.name, **kw)[0],
+                      lambda: torch_benchmark_ms(loaded.model, args.threads, args.min_time)),
+            "fp32 ort": (lambda: measure_runtimes(loaded, "onnxruntime", name=pt.name, **kw)[0],
+                         lambda: ort_loop_ms(exported, args.threads, args.min_time)),
+            "int8 ort": (lambda: measure_runtimes(load_model(q), name=q.name, **kw)[0],
+                         lambda: ort_loop_ms(q, args.threads, args.min_time)),
+        }
+        results = {k: ([], []) for k in subjects}
+        with fp32_onnx(loaded, SHAPE) as exported:  # the very file report measures
+            for _ in range(args.rounds):
+                for key, (ours, theirs) in subjects.items():
+                    results[key][0].append(ours())
+                    results[key][1].append(theirs())
+        rows = [check(*results[k]) for k in subjects]
     env = environment(args.threads)
     print(f"{env['cpu']}, {args.threads} thread(s), torch {env['torch']}, onnxruntime "
-          f"{env['onnxruntime']}, {args.min_time} s per timing\n")
+          f"{env['onnxruntime']}, {args.min_time} s per timing, median of {args.rounds} "
+          "interleaved rounds\n")
     print(tabulate(rows, headers=[
         "model", "runtime", "report median ms", "independent ms", "ratio", "within 15 %",
         "CV %", "layers sum ms", "layers / median %", "within 10 %", "MACs column sum",
