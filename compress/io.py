@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import inspect
+import json
 import os
 import pickle
 import sys
@@ -26,6 +27,7 @@ from torch import nn
 
 from .. import __version__
 from .errors import TorchslimError, UsageError
+from .safeload import ALTERED, AlteredFile, NeedsTrust, UnreadableFile, load_checked
 
 FORMAT = "torchslim"
 TRUST_ENV = "TORCHSLIM_TRUST"
@@ -158,8 +160,6 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _load_onnx(path: Path, size: int) -> LoadedModel:
-    import json
-
     import onnx
 
     try:
@@ -177,14 +177,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _safe_load(path: Path) -> Any:
+    """Unpickle without running code: safeload checks the opcodes first (no constructor the
+    file chooses, storages no bigger than the file), then torch loads with weights_only."""
     _import_torchslim_models()
-    with torch.serialization.safe_globals(safe_classes()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checked(path, safe_classes())
+
+
+def refusal(path: Path, exc: AlteredFile) -> str:
+    """The one line for a file the opcode check refused."""
+    if isinstance(exc, UnreadableFile):
+        return f"{path} is not a readable PyTorch file ({exc}); re-save the model"
+    return f"{path} {ALTERED} ({exc})"
 
 
 def _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size):
     try:
         obj = _safe_load(path)
+    except NeedsTrust as exc:
+        if not trusted(trust):
+            raise TorchslimError(f"{path} holds pickled Python objects ({exc}); "
+                                 f"{TRUST_HINT}") from exc
+        obj = _trusted_load(path)
+    except AlteredFile as exc:
+        if not trusted(trust):
+            raise TorchslimError(refusal(path, exc)) from exc
+        obj = _trusted_load(path)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # not a pickled class: a broken file
             msg = f"{path} is not a readable PyTorch file (not a pickle torch can read)"
@@ -210,8 +227,10 @@ def _trusted_load(path: Path) -> Any:
 
 def _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_size):
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        meta = ModelMeta.from_dict(obj.get("meta"))
-        return LoadedModel(obj["model"].eval(), "torchslim", path, meta, size)
+        meta, model = _meta_of(obj, path), obj.get("model")
+        if not isinstance(model, nn.Module):
+            raise TorchslimError(f"{path} {ALTERED} (its model is a {type(model).__name__})")
+        return LoadedModel(model.eval(), "torchslim", path, meta, size)
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", path, ModelMeta(), size)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -221,6 +240,15 @@ def _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_siz
         f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module, its "
         "state_dict, or a TorchScript/ONNX export"
     )
+
+
+def _meta_of(obj: dict, path: Path) -> ModelMeta:
+    try:
+        meta = ModelMeta.from_dict(obj.get("meta"))
+        json.dumps(meta.to_dict())  # reports print it: plain JSON data or refuse now
+        return meta
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise TorchslimError(f"{path} {ALTERED} (its metadata is malformed)") from exc
 
 
 def _from_state_dict(state, path, trust, arch, num_classes, in_channels, input_size):
@@ -354,7 +382,7 @@ def save_model(
         torch.save(payload, tmp)
         try:  # prove the promise: what we write reloads without --trust
             _safe_load(tmp)
-        except pickle.UnpicklingError as exc:
+        except (pickle.UnpicklingError, AlteredFile, NeedsTrust) as exc:
             raise TorchslimError(
                 f"model holds objects torchslim cannot reload safely ({_first_line(exc)}); "
                 "save it with torch.save and load it with --trust"
