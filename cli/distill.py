@@ -29,6 +29,7 @@ from ..compress.io import (
     save_model,
 )
 from ..compress.measure import measure
+from ..compress.safeload import load_checked
 from ..compress.train import Callbacks
 from ..models.registry import arch_spec, create_model, list_models
 from .common import (
@@ -82,7 +83,7 @@ def _load_resume(path: Path | None) -> dict | None:
     if not path.is_file():
         raise TorchslimError(f"--resume {path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checked(path)  # tensors and containers only, sizes checked
     except Exception:  # corrupt, truncated, or a pickle of objects: not ours either way
         state = None
     if not isinstance(state, dict) or "epoch" not in state or "optimizer" not in state:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .errors import TorchslimError, UsageError
+from .safeload import check_npz, load_checked
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("digits",)
@@ -154,10 +155,13 @@ def _image_folder(root: Path, size, channels):
 def _tensor_file(path: Path):
     try:
         if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+            with open(path, "rb") as fh:
+                check_npz(fh, path.stat().st_size)  # sizes first: no deflate bomb
+                fh.seek(0)
+                with np.load(fh, allow_pickle=False) as f:
+                    x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
         else:
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            d = load_checked(path)  # tensors and containers only, sizes checked
             x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
     except KeyError as exc:
         raise TorchslimError(f"{path} must hold arrays named 'x' and 'y' (missing {exc})") from exc

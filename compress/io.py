@@ -27,7 +27,14 @@ from torch import nn
 
 from .. import __version__
 from .errors import TorchslimError, UsageError
-from .safeload import ALTERED, AlteredFile, NeedsTrust, UnreadableFile, load_checked
+from .safeload import (
+    ALTERED,
+    AlteredFile,
+    NeedsTrust,
+    UnreadableFile,
+    check_onnx,
+    load_checked,
+)
 
 FORMAT = "torchslim"
 TRUST_ENV = "TORCHSLIM_TRUST"
@@ -166,8 +173,16 @@ def _load_onnx(path: Path, size: int) -> LoadedModel:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends
         raise TorchslimError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from exc
+    try:
+        check_onnx(proto, path.parent)
+    except AlteredFile as exc:
+        raise TorchslimError(f"{path} {ALTERED} ({exc})") from exc
     props = {p.key: p.value for p in proto.metadata_props}
-    meta = ModelMeta.from_dict(json.loads(props["torchslim"])) if "torchslim" in props else None
+    try:
+        meta = _meta_of({"meta": json.loads(props["torchslim"])}, path) \
+            if "torchslim" in props else None
+    except ValueError as exc:  # not JSON
+        raise TorchslimError(f"{path} {ALTERED} (its metadata is malformed)") from exc
     return LoadedModel(None, "onnx", path, meta or ModelMeta(), size)
 
 
