@@ -371,8 +371,8 @@ class _Machine:
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
         if numel and (last >= storage.numel or numel > storage.numel):
             raise AlteredFile(
-                f"a tensor declares {numel} elements of storage {storage.key}, which holds "
-                f"{storage.numel}")
+                f"a tensor views {numel} elements up to index {last} of storage "
+                f"{storage.key}, which holds {storage.numel}")
         t = _Tensor(storage, numel * storage.dtype.itemsize)
         self.tensors.append(t)
         return t
