@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -78,6 +80,15 @@ class _LiveTable:
     def step(self, outcome) -> None:
         self.rows.append(outcome.record)
         self.live.update(rich_table(self.rows, title="torchslim compress"), refresh=True)
+
+    @contextmanager
+    def shown(self) -> Iterator[None]:
+        try:
+            with self.live:
+                yield
+        finally:
+            if not stderr_console.is_terminal:  # rich ends a piped Live mid-line
+                stderr_console.line()
 
     def stage(self, text: str) -> None:
         stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
@@ -169,7 +180,7 @@ def register(app: typer.Typer) -> None:
             dump_recipe(configs, dump_recipe_to, force=force)
         table = _LiveTable()
         hooks = Hooks(stage=table.stage, step=table.step, training=fit_progress)
-        with table.live:
+        with table.shown():
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
                                   min_run_time=min_time, force=force, hooks=hooks)
         rows = [s.record for s in result.steps]

@@ -42,6 +42,7 @@ from .common import (
     TrustOpt,
     command,
     fit_progress,
+    note_resumable,
     open_data,
     open_model,
     stderr_console,
@@ -102,6 +103,8 @@ def _callbacks(d: Dist, ckpt: Path, stack) -> Callbacks:
 
     def on_checkpoint(state: dict) -> None:
         atomic_write(ckpt, lambda tmp: torch.save(state, tmp), force=True)
+        note_resumable(f"the checkpoint after epoch {state['epoch']} is {ckpt}: rerun with "
+                       f"--resume {ckpt} to continue")
 
     return Callbacks(cb.on_start, cb.on_step, cb.on_epoch, on_checkpoint)
 

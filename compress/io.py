@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import inspect
 import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -38,6 +40,8 @@ from .safeload import (
 
 FORMAT = "torchslim"
 TRUST_ENV = "TORCHSLIM_TRUST"
+# Outputs finished in this process, oldest first: an interrupted command says what it kept.
+WRITTEN: list[Path] = []
 TRUST_HINT = (
     "loading a pickle can run arbitrary code; pass --trust (or set TORCHSLIM_TRUST=1) "
     "only if you trust the file's source"
@@ -361,7 +365,10 @@ def atomic_write(
 ) -> Path:
     """Call ``write(tmp)`` then rename onto ``path``, so a crash never leaves half a file."""
     path = check_output(path, force=force, inputs=inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -369,10 +376,38 @@ def atomic_write(
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        if "write" not in str(exc).lower():
+            raise
+        raise write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    WRITTEN.append(path)
     return path
+
+
+def write_error(path: Path, exc: BaseException) -> TorchslimError:
+    """One line for a write that failed: full disk, read-only folder, no permission."""
+    folder = Path(path).parent
+    code = getattr(exc, "errno", None)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None
+                                                 and free < (1 << 20)):
+        why = f"the disk holding {folder} is full ({free or 0} bytes free); free some space"
+    elif code == errno.EROFS:
+        why = f"{folder} is on a read-only file system"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = f"no permission to write in {folder}"
+    else:
+        why = _first_line(exc)
+    return TorchslimError(f"could not write {path}: {why}; nothing was written there, choose "
+                          "another -o folder or fix this one")
 
 
 def save_model(
