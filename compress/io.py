@@ -379,7 +379,7 @@ def atomic_write(
     except OSError as exc:
         raise write_error(path, exc) from exc
     except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
-        if "write" not in str(exc).lower():
+        if "write" not in str(exc).lower() and not _disk_full(path.parent):
             raise
         raise write_error(path, exc) from exc
     finally:
@@ -393,13 +393,8 @@ def write_error(path: Path, exc: BaseException) -> TorchslimError:
     """One line for a write that failed: full disk, read-only folder, no permission."""
     folder = Path(path).parent
     code = getattr(exc, "errno", None)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None
-                                                 and free < (1 << 20)):
-        why = f"the disk holding {folder} is full ({free or 0} bytes free); free some space"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and _disk_full(folder)):
+        why = f"the disk holding {folder} is full; free some space"
     elif code == errno.EROFS:
         why = f"{folder} is on a read-only file system"
     elif code in (errno.EACCES, errno.EPERM):
@@ -408,6 +403,15 @@ def write_error(path: Path, exc: BaseException) -> TorchslimError:
         why = _first_line(exc)
     return TorchslimError(f"could not write {path}: {why}; nothing was written there, choose "
                           "another -o folder or fix this one")
+
+
+def _disk_full(folder: Path) -> bool:
+    """Under 1 MiB free: torch.save's errors on a full disk do not say so (``unexpected
+    pos``), so this tells a full disk from a bug."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def save_model(
