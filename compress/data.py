@@ -19,6 +19,7 @@ from .safeload import check_npz, load_checked
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("digits",)
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 
 
 @dataclass
@@ -180,6 +181,9 @@ def _check_tensors(x: torch.Tensor, y: torch.Tensor, path: Path):
     if y.is_floating_point() or y.min() < 0:
         raise TorchslimError(f"{path}: y must hold integer class indices 0..C-1")
     num_classes = int(y.max()) + 1
+    if num_classes > MAX_CLASSES:  # the class list is built in memory: a file must not size it
+        raise TorchslimError(f"{path}: y holds class index {num_classes - 1}; labels must be "
+                             f"0..C-1 with C at most {MAX_CLASSES}")
     return x.float(), y.long(), [str(i) for i in range(num_classes)]
 
 

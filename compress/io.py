@@ -160,14 +160,30 @@ def load_model(
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, size)
     if zipfile.is_zipfile(path) and _is_torchscript(path):
-        model = torch.jit.load(str(path), map_location="cpu")
-        return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
+        return _load_torchscript(path, size, trust)
     return _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size)
 
 
 def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except Exception:  # a broken zip: the pickle path's checks say what is wrong with it
+        return False
+
+
+def _load_torchscript(path: Path, size: int, trust: bool) -> LoadedModel:
+    """TorchScript is code: its scripted methods run at load (``__setstate__``) and on every
+    call, so like a pickle it loads only with --trust."""
+    if not trusted(trust):
+        raise TorchslimError(f"{path} is TorchScript, which runs the code inside it; "
+                             f"{TRUST_HINT}")
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # the C++ reader raises RuntimeError, UnicodeDecodeError, ...
+        raise TorchslimError(f"{path} is not a readable TorchScript file "
+                             f"({_first_line(exc)}); re-export it") from exc
+    return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
 
 
 def _load_onnx(path: Path, size: int) -> LoadedModel:
