@@ -43,6 +43,9 @@ from .errors import TorchslimError
 MAX_PICKLE_BYTES = 64 << 20  # the pickle of a 10 k-module model is a few MB
 MAX_DEPTH = 200  # nesting of containers; a module level costs 3 (module, __dict__, _modules)
 MAX_NODES = 2_000_000  # the object graph unrolled along every path
+# Objects the check itself may build (~100 B each): a 6,000-module model needs ~1 M; a file
+# of 1-byte EMPTY_DICT opcodes must not make the check take gigabytes.
+MAX_OBJECTS = 1_000_000
 NPZ_EXPANSION = 64  # savez_compressed of real images shrinks 2-10x; zeros shrink 1000x
 VIEW_SLACK_BYTES = 1 << 20  # views may exceed the stored bytes by 2x + this (tied weights)
 ALTERED = ("is not a file torchslim wrote, or it was altered; load it with --trust only if "
@@ -82,43 +85,45 @@ class NeedsTrust(TorchslimError):
 
 
 class _Glob:
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
         self.name = name
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Obj:  # a module instance: NEWOBJ of an allow-listed class, then BUILD
     cls: type
     state: Any = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Dict:
     ordered: bool = False
     items: dict = field(default_factory=dict)
     attrs: Any = None  # BUILD on an OrderedDict: a state_dict's ``_metadata``
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Seq:
     kind: str  # "list" | "tuple" | "set"
     items: list
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Storage:
     dtype: torch.dtype
     key: str
     numel: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Tensor:
     storage: _Storage
     nbytes: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Param:
     tensor: _Tensor
 
@@ -179,7 +184,26 @@ def read_archive(f: IO[bytes], size: int) -> Archive:
     data_dir = prefix + "data/"
     records = {i.filename[len(data_dir):]: i.file_size for i in infos
                if i.filename.startswith(data_dir)}
+    _same_as_torch(f, {i.filename[len(prefix):]: i.file_size for i in infos}, data)
     return Archive(prefix, data, records)
+
+
+def _same_as_torch(f: IO[bytes], sizes: dict[str, int], pickle: bytes) -> None:
+    """torch.load reads the zip with its own C++ reader (miniz): the records, sizes and
+    pickle checked here must be the ones it will see, or a file crafted for the two
+    parsers to disagree would pass the check with one content and load another."""
+    reader_cls = getattr(torch._C, "PyTorchFileReader", None)
+    if reader_cls is None or not hasattr(reader_cls, "get_record_size"):
+        return  # an older torch: zipfile's view, checked above, is all there is
+    f.seek(0)
+    try:
+        reader = reader_cls(f)
+        theirs = {n: reader.get_record_size(n) for n in reader.get_all_records()}
+        same_pickle = reader.get_record("data.pkl") == pickle
+    except Exception as exc:  # miniz refuses what zipfile accepted
+        raise UnreadableFile(f"torch cannot read its zip ({type(exc).__name__})") from exc
+    if theirs != sizes or not same_pickle:
+        raise AlteredFile("its zip reads differently in torch than in Python's zipfile")
 
 
 # --- the symbolic unpickler -----------------------------------------------------------
@@ -214,6 +238,8 @@ class _Machine:
         self.tensors: list[_Tensor] = []
         self.foreign: set[str] = set()
         self.objs: list[_Obj] = []
+        self.hook_dicts: list[_Dict] = []  # given to tensors: must still be empty at STOP
+        self.made = 0
 
     def run(self) -> Any:
         try:
@@ -229,6 +255,9 @@ class _Machine:
         raise AlteredFile("its pickle has no STOP")
 
     def _push(self, node) -> None:
+        self.made += 1
+        if self.made > MAX_OBJECTS:
+            raise AlteredFile(f"its pickle builds over {MAX_OBJECTS} objects")
         self.stack.append(node)  # not a bound append: MARK and TUPLE swap self.stack
 
     def _pop(self):
@@ -352,6 +381,7 @@ class _Machine:
             if len(a) != 3 or not isinstance(a[0], _Tensor) or not isinstance(a[1], bool) \
                     or not _empty_dict(a[2]):
                 raise AlteredFile("a parameter is rebuilt from unusual arguments (hooks?)")
+            self.hook_dicts.append(a[2])
             return _Param(a[0])
         return self._tensor(a)
 
@@ -375,6 +405,7 @@ class _Machine:
                 f"{storage.key}, which holds {storage.numel}")
         t = _Tensor(storage, numel * storage.dtype.itemsize)
         self.tensors.append(t)
+        self.hook_dicts.append(a[5])  # torch keeps this very dict: filled later, hooks run
         return t
 
     def _new(self, cls, args):
@@ -391,7 +422,13 @@ class _Machine:
 
     def _build(self, state, inst) -> None:
         if isinstance(inst, _Obj) and inst.state is None:
-            inst.state = state
+            if not isinstance(state, _Dict) or state.ordered or state.attrs is not None:
+                raise AlteredFile("its pickle gives a module a state that is not a dict")
+            # __setstate__ copies the top level now: later SETITEMs on this dict do not
+            # reach the module, so what is checked at the end is this copy.
+            inst.state = _Dict(items=dict(state.items))
+            if inst.cls is not object and issubclass(inst.cls, nn.RNNBase):
+                _check_rnn(class_name(inst.cls), inst.state.items)  # its setstate runs now
         elif isinstance(inst, _Dict) and inst.ordered and inst.attrs is None:
             inst.attrs = state  # a state_dict's _metadata, checked with the graph
         else:
@@ -551,6 +588,8 @@ def check_archive(f: IO[bytes], size: int, classes: Iterable[type] = ()) -> Arch
     for node in _walk(root):
         if isinstance(node, _Dict) and node.attrs is not None:
             _check_metadata(node)
+    if any(not _empty_dict(d) for d in machine.hook_dicts):
+        raise AlteredFile("a tensor's backward hooks are filled in after it was rebuilt")
     _check_totals(machine)
     return archive
 

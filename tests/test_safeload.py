@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
 import subprocess
 import sys
 import zipfile
@@ -371,3 +372,78 @@ def test_onnx_metadata_that_is_not_json(tmp_path):
         load_model(bad)
     assert json.loads(next(p.value for p in onnx.load(str(path)).metadata_props
                            if p.key == "torchslim"))["input_shape"] == [1, 8, 8]
+
+
+# --- hand-assembled pickles: orders of opcodes the Python pickler never emits -----------
+
+def _str(s: str) -> bytes:
+    return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()
+
+
+def _glob(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _zip_raw(path: Path, pickle_bytes: bytes, records: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle_bytes)
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3\n")
+        for key, data in records.items():
+            zf.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def test_tensor_hooks_filled_after_the_rebuild_are_refused(tmp_path):
+    """torch keeps the very OrderedDict given to _rebuild_tensor_v2 as the tensor's
+    backward hooks, so filling it later (BINGET + SETITEM) would install a hook."""
+    storage = (b"((" + _str("storage") + _glob("torch", "FloatStorage") + _str("0")
+               + _str("cpu") + b"K\x04tQ")
+    hooks = _glob("collections", "OrderedDict") + b")Rq\x01"
+    rebuild = (_glob("torch._utils", "_rebuild_tensor_v2") + storage + b"K\x00(K\x04t(K\x01t"
+               + b"\x89" + hooks + b"tR")
+    late = _str("x") + b"h\x01" + _str("h") + b"K\x01s"  # result["x"] = hooks after hooks["h"]=1
+    pk = b"\x80\x02}" + _str("w") + rebuild + b"s" + late + b"s."
+    path = _zip_raw(tmp_path / "late.pt", pk, {"0": b"\0" * 16})
+    got = torch.load(path, weights_only=True)  # torch alone: the hook is installed
+    assert dict(got["w"]._backward_hooks) == {"h": 1}
+    with pytest.raises(AlteredFile, match="backward hooks are filled in after"):
+        load_checked(path)
+
+
+def test_module_hooks_filled_after_build_are_refused(tmp_path):
+    """The module's _forward_hooks dict is memoised: a later SETITEM on it reaches the module."""
+    path = tmp_path / "m.pt"
+    torch.save({"m": nn.Identity()}, path)
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+        body = zf.read(name)
+    ops = list(pickletools.genops(body))
+    at = next(i for i, (op, arg, _) in enumerate(ops) if arg == "_forward_hooks")
+    memo = next(arg for op, arg, _ in ops[at + 2:] if op.name in ("BINPUT", "LONG_BINPUT"))
+    late = _str("x") + b"h" + bytes([memo]) + _str("h") + b"K\x01ss."
+    assert body.endswith(b"u.") or body.endswith(b"s.")
+    bad = _zip_raw(tmp_path / "bad.pt", body[:-1] + late, {})
+    with torch.serialization.safe_globals([nn.Identity]):
+        assert "h" in torch.load(bad, weights_only=True)["m"]._forward_hooks  # real attack
+    with pytest.raises(AlteredFile, match="carries _forward_hooks"):
+        load_checked(bad, [nn.Identity])
+
+
+def test_object_flood_stops_at_the_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(safeload, "MAX_OBJECTS", 10_000)
+    path = _zip_raw(tmp_path / "flood.pt", b"\x80\x02" + b"}" * 10_001 + b".", {})
+    with pytest.raises(AlteredFile, match="builds over 10000 objects"):
+        load_checked(path)
+
+
+def test_zip_that_torch_reads_differently_is_refused(tmp_path):
+    """Two records of one name: zipfile and torch's miniz may pick different ones."""
+    path = tmp_path / "dup.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"a": 1}, protocol=2))
+        zf.writestr("archive/version", "3\n")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("archive/data.pkl", pickle.dumps({"a": 2}, protocol=2))
+    with pytest.raises(AlteredFile, match="holds a name twice"):
+        load_checked(path)
