@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .errors import TorchslimError, UsageError
-from .safeload import check_npz, load_checked
+from .filecheck import check_npz
+from .safeload import load_checked
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("digits",)

@@ -29,14 +29,8 @@ from torch import nn
 
 from .. import __version__
 from .errors import TorchslimError, UsageError
-from .safeload import (
-    ALTERED,
-    AlteredFile,
-    NeedsTrust,
-    UnreadableFile,
-    check_onnx,
-    load_checked,
-)
+from .filecheck import check_onnx
+from .safeload import ALTERED, AlteredFile, NeedsTrust, UnreadableFile, is_zip, load_checked
 
 FORMAT = "torchslim"
 TRUST_ENV = "TORCHSLIM_TRUST"
@@ -159,7 +153,7 @@ def load_model(
     size = _check_readable(path)
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, size)
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if is_zip(path) and _is_torchscript(path):
         return _load_torchscript(path, size, trust)
     return _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size)
 

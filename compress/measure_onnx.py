@@ -123,7 +123,7 @@ def _load_onnx_proto(path: Path):
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    from .safeload import check_onnx
+    from .filecheck import check_onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     check_onnx(proto, path.parent)  # no data outside its folder, none it does not hold

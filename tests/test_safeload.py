@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.compress import safeload
+from torchslim.compress import filecheck, pickle_scan
 from torchslim.compress.errors import TorchslimError
 from torchslim.compress.io import load_model
 from torchslim.compress.safeload import AlteredFile, NeedsTrust, load_checked, pickle_globals
@@ -285,7 +285,7 @@ def test_npz_deflate_bomb_and_lying_header(tmp_path):
     np.savez_compressed(bomb, x=np.zeros((30000, 1, 16, 16), np.float32),
                         y=np.zeros(30000, np.int64))  # 31 MB of zeros in ~30 KB
     with open(bomb, "rb") as f, pytest.raises(AlteredFile, match="decompress"):
-        safeload.check_npz(f, bomb.stat().st_size)
+        filecheck.check_npz(f, bomb.stat().st_size)
     liar = tmp_path / "liar.npz"
     header = np.lib.format.header_data_from_array_1_0(np.zeros((10**6, 8), np.float32))
     raw = io.BytesIO()
@@ -293,7 +293,7 @@ def test_npz_deflate_bomb_and_lying_header(tmp_path):
     with zipfile.ZipFile(liar, "w") as zf:
         zf.writestr("x.npy", raw.getvalue() + b"\0" * 64)
     with open(liar, "rb") as f, pytest.raises(AlteredFile, match="does not hold"):
-        safeload.check_npz(f, liar.stat().st_size)
+        filecheck.check_npz(f, liar.stat().st_size)
     from torchslim.compress.data import load_data
 
     with pytest.raises(TorchslimError, match="does not hold"):
@@ -431,7 +431,7 @@ def test_module_hooks_filled_after_build_are_refused(tmp_path):
 
 
 def test_object_flood_stops_at_the_cap(tmp_path, monkeypatch):
-    monkeypatch.setattr(safeload, "MAX_OBJECTS", 10_000)
+    monkeypatch.setattr(pickle_scan, "MAX_OBJECTS", 10_000)
     path = _zip_raw(tmp_path / "flood.pt", b"\x80\x02" + b"}" * 10_001 + b".", {})
     with pytest.raises(AlteredFile, match="builds over 10000 objects"):
         load_checked(path)
@@ -447,3 +447,15 @@ def test_zip_that_torch_reads_differently_is_refused(tmp_path):
             zf.writestr("archive/data.pkl", pickle.dumps({"a": 2}, protocol=2))
     with pytest.raises(AlteredFile, match="holds a name twice"):
         load_checked(path)
+
+
+def test_fuzz_findings_stay_fixed(tmp_path):
+    """Two files the long fuzz run found: a bit flip that makes zipfile.is_zipfile itself
+    raise (an end record claiming several disks), and an ONNX tensor of data type 0."""
+    with pytest.raises(TorchslimError, match="not a readable PyTorch file"):
+        load_model(FIXTURES / "fuzz-multidisk.pt")
+    from onnx import TensorProto
+
+    t = TensorProto(name="w", data_type=0, dims=[4], raw_data=b"\0" * 16)
+    with pytest.raises(TorchslimError, match="unknown data type 0"):
+        load_model(_onnx_with(tmp_path, t))
