@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import signal
 import threading
@@ -26,7 +27,8 @@ from rich.progress import (
 
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
-from ..compress.io import WRITTEN, LoadedModel, load_model
+from ..compress.inputs import InputSpec, resolve
+from ..compress.io import WRITTEN, LoadedModel, LoadOptions
 from ..compress.train import Callbacks, EpochStats
 
 stderr_console = Console(stderr=True)
@@ -100,7 +102,24 @@ ThreadsOpt = Annotated[
 InputShapeOpt = Annotated[
     str | None,
     typer.Option(
-        "--input-shape", help="Input shape C,H,W or 1,C,H,W (default: file metadata, then data)."
+        "--input-shape", help="Input shape C,H,W or 1,C,H,W of an image model (default: file "
+        "metadata, then data)."
+    ),
+]
+InputOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input", help="A model input as SHAPE[:DTYPE[:HIGH]], batch first, e.g. 1,20:int64 "
+        "for token ids or 1,16,32 for a sequence; repeat for several inputs, in forward's "
+        "order. HIGH bounds generated integers (default: the smallest embedding's size)."
+    ),
+]
+CodePathOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--code-path", help="With --trust: a folder to import your model's Python classes "
+        "from (repeatable). The current directory and the model file's folder are searched "
+        "too. Also TORCHSLIM_CODE_PATH."
     ),
 ]
 FormatOpt = Annotated[
@@ -201,6 +220,54 @@ def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
 
 
 # --- loading --------------------------------------------------------------------------
+# Every model-reading command takes these options through @model_options and gets one
+# LoadOptions object: a new loading option is added here, not in each command.
+LOAD_PARAMS = {
+    "trust": (TrustOpt, False),
+    "arch": (ArchOpt, None),
+    "num_classes": (NumClassesOpt, None),
+    "in_channels": (InChannelsOpt, None),
+    "input_shape": (InputShapeOpt, None),
+    "input_": (InputOpt, None),
+    "code_path": (CodePathOpt, None),
+}
+
+
+def model_options(fn: Callable) -> Callable:
+    """Give a command the shared loading options; it receives them as ``load: LoadOptions``.
+
+    The command's own signature keeps its parameters (``load`` removed) and gains the
+    shared ones, so typer shows them in every command's --help.
+    """
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != "load"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                               default=default) for name, (ann, default) in LOAD_PARAMS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        raw = {name: kwargs.pop(name, default) for name, (_, default) in LOAD_PARAMS.items()}
+        kwargs["load"] = load_options(**raw)
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+    return wrapper
+
+
+def load_options(*, trust=False, arch=None, num_classes=None, in_channels=None,
+                 input_shape=None, input_=None, code_path=None) -> LoadOptions:
+    """The command-line values -> LoadOptions (usage errors say which option was wrong)."""
+    if input_shape and input_:
+        raise UsageError("give --input-shape (one image input) or --input (any inputs), "
+                         "not both")
+    shape = parse_input_shape(input_shape)
+    spec = InputSpec.parse(input_) if input_ else (InputSpec.image(shape) if shape else None)
+    return LoadOptions(trust=trust, arch=arch, num_classes=num_classes,
+                       in_channels=in_channels, inputs=spec,
+                       code_paths=tuple(Path(p) for p in code_path or ()))
+
+
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     """``3,32,32`` or ``1,3,32,32`` -> (3, 32, 32)."""
     if not text:
@@ -216,24 +283,25 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
-def open_model(
-    path: Path,
-    *,
-    trust: bool = False,
-    arch: str | None = None,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    input_shape: tuple[int, ...] | None = None,
-) -> LoadedModel:
-    size = tuple(input_shape[-2:]) if input_shape and len(input_shape) == 3 else None
-    channels = in_channels or (input_shape[0] if input_shape and len(input_shape) == 3 else None)
-    loaded = load_model(
-        path, trust=trust, arch=arch, num_classes=num_classes, in_channels=channels,
-        input_size=size,
-    )
-    if input_shape:
-        loaded.meta.input_shape = tuple(input_shape)
-    return loaded
+def open_model(path: Path, load: LoadOptions | None = None) -> LoadedModel:
+    with stderr_console.status(f"loading {path}..."):
+        return (load or LoadOptions()).load(path)
+
+
+def input_spec(loaded: LoadedModel, split: DataSplit | None = None) -> InputSpec:
+    """The model's inputs: stated (--input/--input-shape) or recorded in the file, else the
+    data's; integer bounds from the model's embeddings."""
+    spec = resolve(loaded.meta.input_spec(), split.inputs if split is not None else None,
+                   model=loaded.model)
+    if spec is None:
+        raise TorchslimError("cannot tell the model's input: pass --input-shape C,H,W, or "
+                             "--input SHAPE:DTYPE per input (e.g. --input 1,20:int64), or --data")
+    return spec
+
+
+def example_inputs(loaded: LoadedModel, split: DataSplit | None = None) -> tuple:
+    """One generated sample of every input (batch 1): what tracing and MACs run on."""
+    return input_spec(loaded, split).example(1)
 
 
 def open_data(
@@ -247,13 +315,16 @@ def open_data(
 ) -> DataSplit:
     """Load data, sized like the model's recorded input when no size is given."""
     size = parse_size(image_size)
-    shape = like.meta.input_shape if like is not None else None
-    if size is None and shape and len(shape) == 3:
+    stated = size is not None or channels is not None
+    model_spec = like.meta.input_spec() if like is not None else None
+    shape = model_spec.image_shape if model_spec is not None else None
+    if size is None and shape:
         size = tuple(shape[1:])
-    if channels is None and shape and len(shape) == 3:
+    if channels is None and shape:
         channels = shape[0]
     with stderr_console.status(f"loading data {spec}..."):
-        return load_data(spec, size=size, channels=channels, seed=seed, train_limit=train_limit)
+        return load_data(spec, size=size, channels=channels, seed=seed,
+                         train_limit=train_limit, like=model_spec, strict_image=stated)
 
 
 # --- progress -------------------------------------------------------------------------

@@ -12,29 +12,32 @@ import typer
 from rich.live import Live
 
 from ..compress.distill import DistillConfig
-from ..compress.io import atomic_write, check_output, require_module
-from ..compress.pipeline import Hooks, check_plan, order_steps, output_suffix, run_pipeline
+from ..compress.io import LoadOptions, atomic_write, check_output, require_module
+from ..compress.pipeline import (
+    Hooks,
+    check_output_suffix,
+    check_plan,
+    fp32_companion,
+    order_steps,
+    run_pipeline,
+)
 from ..compress.prune import PruneConfig
 from ..compress.quantize import QuantizeConfig
 from ..compress.recipe import dump_recipe, load_recipe
 from ..compress.swap import SwapConfig
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     ForceOpt,
     ImageSizeOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     OutOpt,
     SeedOpt,
     ThreadsOpt,
-    TrustOpt,
     command,
     fit_progress,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
@@ -46,6 +49,8 @@ EPILOG = (
     "--target-macs 0.5 --distill --quantize static\n\n"
     "  torchslim compress pd.pt -o pd-fp16.pt --quantize fp16   (data-free)\n\n"
     "  torchslim compress pd.pt -o out.onnx --data digits --recipe slim.toml\n\n"
+    "  torchslim compress model.pt --trust --data mine.npz --swap --prune 0.4 --distill "
+    "-o small.onnx   (your own class; .onnx/.pt2 need no Python code to load)\n\n"
     "Steps run swap -> prune -> distill -> quantize, whatever the flag order."
 )
 
@@ -112,6 +117,7 @@ def _write_reports(result, rows: list[dict], force: bool) -> list[Path]:
 
 def register(app: typer.Typer) -> None:
     @command(app, "compress", epilog=EPILOG)
+    @model_options
     def compress_cmd(
         model: Annotated[Path, typer.Argument(help="Model file to compress.")],
         output: OutOpt,
@@ -143,14 +149,11 @@ def register(app: typer.Typer) -> None:
             "--dump-recipe", help="Write the resolved recipe, to repeat this run exactly.")] = None,
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         threads: ThreadsOpt = None,
         min_time: Annotated[float | None, typer.Option(help="Seconds of timing per batch.")] = None,
         seed: SeedOpt = 0,
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
         force: ForceOpt = False,
+        load: LoadOptions = None,
     ) -> None:
         """Compress MODEL in one pipeline and report every step side by side."""
         flagged = flags_to_configs(
@@ -163,14 +166,13 @@ def register(app: typer.Typer) -> None:
         configs = load_recipe(recipe) if recipe is not None else flagged
         # everything that can be wrong with the plan fails here, before any work
         warnings = check_plan(configs, has_data=data is not None)
-        if output.suffix.lower() != output_suffix(configs):
-            raise _usage(f"this pipeline writes a {output_suffix(configs)} file; name -o like "
-                         f"model{output_suffix(configs)}")
-        for path in (output, *report_paths(output), dump_recipe_to):
+        check_output_suffix(output, configs)
+        companion = fp32_companion(output) if output.suffix == ".onnx" and \
+            configs[-1].method == "quantize" else None
+        for path in (output, companion, *report_paths(output), dump_recipe_to):
             if path is not None:
                 check_output(path, force=force, inputs=[model, recipe])
-        loaded = open_model(model, trust=trust, arch=arch, num_classes=num_classes,
-                            input_shape=parse_input_shape(input_shape))
+        loaded = open_model(model, load)
         require_module(loaded, "compress")  # TorchScript/ONNX fail here, before any output
         for w in warnings:
             stderr_console.print(f"[yellow]warning:[/] {w}")
@@ -182,7 +184,8 @@ def register(app: typer.Typer) -> None:
         hooks = Hooks(stage=table.stage, step=table.step, training=fit_progress)
         with table.shown():
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
-                                  min_run_time=min_time, force=force, hooks=hooks)
+                                  min_run_time=min_time, force=force, hooks=hooks,
+                                  inputs=load.inputs)
         rows = [s.record for s in result.steps]
         reports = _write_reports(result, rows, force)
         stdout_console.print(rich_table(rows, title=f"torchslim compress: {model.name}"))

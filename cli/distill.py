@@ -20,6 +20,7 @@ from ..compress.distill import Dist, DistillConfig, dist_from_env, distill
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.io import (
     LoadedModel,
+    LoadOptions,
     ModelMeta,
     atomic_write,
     check_output,
@@ -31,7 +32,7 @@ from ..compress.io import (
 from ..compress.measure import measure
 from ..compress.safeload import load_checked
 from ..compress.train import Callbacks
-from ..models.registry import arch_spec, create_model, list_models
+from ..models.registry import arch_spec, create_model, is_registered
 from .common import (
     ChannelsOpt,
     DataOpt,
@@ -39,9 +40,10 @@ from .common import (
     ImageSizeOpt,
     SeedOpt,
     ThreadsOpt,
-    TrustOpt,
     command,
     fit_progress,
+    input_spec,
+    model_options,
     note_resumable,
     open_data,
     open_model,
@@ -59,16 +61,19 @@ EPILOG = (
 )
 
 
-def _student(spec: str, split, num_classes, trust) -> tuple[torch.nn.Module, ModelMeta]:
-    """A model file, else a registry name built for the data's shape and classes."""
+def _student(spec: str, split, num_classes, load) -> tuple[torch.nn.Module, ModelMeta]:
+    """A model file, else a registry name (or alias) built for the data's shape and classes."""
     if Path(spec).exists():
-        loaded = open_model(Path(spec), trust=trust)
+        loaded = open_model(Path(spec), load)
         return require_module(loaded, "distill"), copy.deepcopy(loaded.meta)
-    if spec not in list_models():
+    if not is_registered(spec):
         raise TorchslimError(
             f"--student {spec!r} is neither a file nor a registry model; "
             "run `torchslim models` to list the registry"
         )
+    if not split.is_image:
+        raise TorchslimError(f"registry students are image models, but {split.name} holds "
+                             f"{split.inputs.describe()} samples; pass a student model file")
     c, h, w = split.input_shape
     classes = num_classes or split.num_classes
     torch.manual_seed(0)
@@ -129,6 +134,7 @@ def _table(teacher: LoadedModel, output: Path, split, threads, fmt: str) -> None
 
 def register(app: typer.Typer) -> None:
     @command(app, "distill", epilog=EPILOG)
+    @model_options
     def distill_cmd(
         teacher: Annotated[Path, typer.Option(help="Trained teacher model file.")],
         student: Annotated[str, typer.Option(
@@ -137,8 +143,6 @@ def register(app: typer.Typer) -> None:
         data: DataOpt = "digits",
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
-        num_classes: Annotated[int | None, typer.Option(
-            help="Classes of a registry student (default: the data's).")] = None,
         epochs: Annotated[int, typer.Option(help="Epochs.")] = 30,
         batch_size: Annotated[int, typer.Option(
             help="Global batch size (split across torchrun processes).")] = 64,
@@ -163,9 +167,9 @@ def register(app: typer.Typer) -> None:
             "the run finishes).")] = None,
         seed: SeedOpt = 0,
         threads: ThreadsOpt = None,
-        trust: TrustOpt = False,
         force: ForceOpt = False,
         fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+        load: LoadOptions = None,
     ) -> None:
         """Distil --teacher into --student on --data (Hinton KD, optional feature loss), keep
         the best validation epoch, and print a teacher vs student table."""
@@ -181,16 +185,16 @@ def register(app: typer.Typer) -> None:
         check_output(output, force=force, inputs=inputs)
         ckpt = checkpoint or output.with_name(output.name + ".ckpt")
         state = _load_resume(resume)
-        t_loaded = open_model(teacher, trust=trust)
+        t_loaded = open_model(teacher, load)
         t_model = require_module(t_loaded, "distill")
         split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                           like=t_loaded)
-        s_model, meta = _student(student, split, num_classes, trust)
+        s_model, meta = _student(student, split, load.num_classes, load)
         d = dist_from_env()
         if d.main:
             stderr_console.print(f"[dim]{split.describe()}"
                                  + (f", {d.world} processes" if d.world > 1 else "") + "[/]")
-        example = torch.zeros(1, *split.input_shape)
+        example = input_spec(t_loaded, split).example(1)
         before = numbers(s_model, example, split)
         with ExitStack() as stack:
             cb = _callbacks(d, ckpt, stack)
@@ -204,7 +208,8 @@ def _finish(d, student, meta, cfg, before, example, split, result, teacher_path,
             output, ckpt, force, inputs, threads, fmt) -> None:
     if d.main:
         after = numbers(student, example, split)
-        meta.input_shape = meta.input_shape or split.input_shape
+        if meta.input_spec() is None:
+            meta.set_input_spec(split.inputs)
         meta.history.append(history_entry(
             "distill", {**config_to_dict(cfg), "teacher": str(teacher_path), "data": split.name},
             before, after, [f"best epoch {result.best_epoch} of {cfg.epochs}"]))

@@ -11,30 +11,29 @@ import torch
 import typer
 
 from ..compress import sensitivity as sens
+from ..compress.artifact import check_model_output, write_model
 from ..compress.config import config_to_dict
 from ..compress.data import check_classes
 from ..compress.errors import TorchslimError
-from ..compress.io import check_output, history_entry, require_module, save_model
+from ..compress.inputs import call
+from ..compress.io import LoadOptions, check_output, history_entry, require_module
 from ..compress.prune import IMPORTANCES, PruneConfig, prune_model
 from ..compress.train import TrainConfig
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     ForceOpt,
     ImageSizeOpt,
-    InChannelsOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     OutOpt,
     SeedOpt,
-    TrustOpt,
     check_format,
     command,
+    example_inputs,
     fit_progress,
+    input_spec,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
@@ -68,19 +67,10 @@ def _names(values: list[str] | None) -> tuple[str, ...]:
     return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
 
 
-def _load(path, *, trust, arch, num_classes, in_channels, input_shape, command_name):
+def _load(path, load, command_name):
     """The file record and its eager module (TorchScript/ONNX cannot be pruned)."""
-    loaded = open_model(path, trust=trust, arch=arch, num_classes=num_classes,
-                        in_channels=in_channels, input_shape=parse_input_shape(input_shape))
+    loaded = open_model(path, load)
     return loaded, require_module(loaded, command_name)
-
-
-def _example(loaded, split) -> torch.Tensor:
-    """One random input of the model's shape: torch-pruning traces the graph with it."""
-    shape = loaded.meta.input_shape or (split.input_shape if split is not None else None)
-    if not shape:
-        raise TorchslimError("cannot tell the model's input shape; pass --input-shape C,H,W")
-    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def _open_split(data, loaded, model, image_size, channels, seed):
@@ -88,7 +78,7 @@ def _open_split(data, loaded, model, image_size, channels, seed):
         return None
     split = open_data(data, image_size=image_size, channels=channels, seed=seed, like=loaded)
     with torch.no_grad():
-        out = model.eval()(_example(loaded, split))
+        out = call(model.eval(), example_inputs(loaded, split))
     check_classes(out.shape[-1], split)
     return split
 
@@ -127,6 +117,7 @@ def _history(cfg, train_cfg, distill, report, file_bytes, data_name) -> dict:
 
 def register(app: typer.Typer) -> None:
     @command(app, "prune", epilog=PRUNE_EPILOG)
+    @model_options
     def prune_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to prune.")],
         output: OutOpt,
@@ -158,18 +149,14 @@ def register(app: typer.Typer) -> None:
         distill: Annotated[bool, typer.Option(
             help="Fine-tune with the unpruned model as teacher (KL + CE).")] = False,
         seed: SeedOpt = 0,
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         force: ForceOpt = False,
         fmt: FormatOpt = "table",
+        load: LoadOptions = None,
     ) -> None:
         """Remove channels, neurons and heads (structured), or zero weights (--unstructured);
         optionally fine-tune on --data; save a smaller model that reloads without --trust."""
         check_format(fmt, ("table", "json"))
-        check_output(output, force=force, inputs=[model_path, from_sensitivity])
+        check_model_output(output, force=force, inputs=[model_path, from_sensitivity])
         cfg = _prune_config(ratio, target_macs, importance, global_, steps, round_to,
                             _names(ignore), unstructured, from_sensitivity, max_drop, seed)
         if cfg.layer_ratios:
@@ -182,24 +169,22 @@ def register(app: typer.Typer) -> None:
             )
         if distill and data is None:
             raise TorchslimError("--distill fine-tunes on data: add --data SPEC")
-        loaded, model = _load(model_path, trust=trust, arch=arch, num_classes=num_classes,
-                              in_channels=in_channels, input_shape=input_shape,
-                              command_name="prune")
+        loaded, model = _load(model_path, load, "prune")
         split = _open_split(data, loaded, model, image_size, channels, seed)
-        example = _example(loaded, split)
+        example = example_inputs(loaded, split)
         train_cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed) if split is not None else None
         pruned, report = _run(model, cfg, example, split, train_cfg, distill)
         meta = copy.deepcopy(loaded.meta)
-        if meta.input_shape is None:
-            meta.input_shape = tuple(example.shape[1:])
+        meta.set_input_spec(input_spec(loaded, split))
         meta.history.append(_history(cfg, train_cfg, distill, report, loaded.file_bytes,
                                      split.name if split else None))
-        save_model(pruned, output, meta, force=force, inputs=[model_path])
+        write_model(pruned, output, meta, force=force, inputs=[model_path])
         rows = _rows(str(model_path), str(output), report, loaded.file_bytes)
         rows[1]["file_bytes"] = Path(output).stat().st_size
         _emit(rows, report, fmt)
 
     @command(app, "sensitivity", epilog=SENS_EPILOG)
+    @model_options
     def sensitivity_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to scan.")],
         output: OutOpt,
@@ -213,13 +198,9 @@ def register(app: typer.Typer) -> None:
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
         seed: SeedOpt = 0,
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         force: ForceOpt = False,
         fmt: FormatOpt = "table",
+        load: LoadOptions = None,
     ) -> None:
         """Prune each layer group alone at each ratio (no fine-tuning), measure validation
         accuracy, print a layer x ratio table, write JSON + a PNG plot."""
@@ -230,11 +211,9 @@ def register(app: typer.Typer) -> None:
         for path in (output, plot):
             check_output(path, force=force, inputs=[model_path])
         ratio_list = _parse_ratios(ratios)
-        loaded, model = _load(model_path, trust=trust, arch=arch, num_classes=num_classes,
-                              in_channels=in_channels, input_shape=input_shape,
-                              command_name="sensitivity")
+        loaded, model = _load(model_path, load, "sensitivity")
         split = _open_split(data, loaded, model, image_size, channels, seed)
-        example = _example(loaded, split)
+        example = example_inputs(loaded, split)
         result = _scan(model, split, example, ratio_list, importance, _names(ignore))
         sens.save(result, output, force=force, inputs=[model_path])
         sens.plot(result, plot, force=force, inputs=[model_path])

@@ -12,26 +12,25 @@ from rich.table import Table
 from tabulate import tabulate
 
 from ..compress.data import check_classes
+from ..compress.errors import UsageError
+from ..compress.inputs import call
+from ..compress.io import LoadOptions, check_output
 from ..compress.quantize import CALIBRATIONS, MODES, QuantizeConfig, compare, quantize_model
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     ForceOpt,
     FormatOpt,
     ImageSizeOpt,
-    InChannelsOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     OutOpt,
     SeedOpt,
     ThreadsOpt,
-    TrustOpt,
     check_format,
     command,
+    example_inputs,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
@@ -104,6 +103,7 @@ def _summary(res, fmt: str, compared: bool) -> None:
 
 def register(app: typer.Typer) -> None:
     @command(app, "quantize", epilog=EPILOG)
+    @model_options
     def quantize_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model to quantize.")],
         output: OutOpt,
@@ -133,13 +133,9 @@ def register(app: typer.Typer) -> None:
         fmt: FormatOpt = "table",
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
+        load: LoadOptions = None,
     ) -> None:
         """Quantize a model to int8 / fp16 / bf16 and compare it with fp32 on every runtime."""
         check_format(fmt)
@@ -148,9 +144,11 @@ def register(app: typer.Typer) -> None:
             calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
             qat_lr=qat_lr, reduce_range=reduce_range, seed=seed,
         )
-        shape = parse_input_shape(input_shape)
-        loaded = open_model(model_path, trust=trust, arch=arch, num_classes=num_classes,
-                            in_channels=in_channels, input_shape=shape)
+        if Path(output).suffix.lower() != cfg.suffix:
+            raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like "
+                             f"model{cfg.suffix}")
+        check_output(output, force=force, inputs=[model_path])
+        loaded = open_model(model_path, load)
         split = None
         if data:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
@@ -159,9 +157,9 @@ def register(app: typer.Typer) -> None:
             keep = Path(tmp) / "fp32.onnx" if compare_runtimes and cfg.suffix == ".onnx" else None
             with stderr_console.status(f"quantizing ({cfg.mode}, {cfg.runtime})..."):
                 if split is not None and loaded.model is not None:
-                    _check_data(loaded, split, shape)
+                    _check_data(loaded, split)
                 res = quantize_model(loaded, cfg, out_path=output, data=split, force=force,
-                                     input_shape=shape, keep_fp32_onnx=keep)
+                                     inputs=load.inputs, keep_fp32_onnx=keep)
             if compare_runtimes:
                 with stderr_console.status("measuring fp32 and quantized on each runtime..."):
                     rows = compare(loaded, res, data=split, threads=threads,
@@ -170,10 +168,9 @@ def register(app: typer.Typer) -> None:
         _summary(res, fmt, compare_runtimes)
 
 
-def _check_data(loaded, split, shape) -> None:
+def _check_data(loaded, split) -> None:
     import torch
 
-    sample = shape or loaded.meta.input_shape or split.input_shape
     with torch.no_grad():
-        out = loaded.model.eval()(torch.zeros(1, *sample))
+        out = call(loaded.model.eval(), example_inputs(loaded, split))
     check_classes(out.shape[-1], split)

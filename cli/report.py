@@ -8,43 +8,38 @@ from typing import Annotated
 import typer
 from tabulate import tabulate
 
+from ..compress.io import LoadOptions
 from ..compress.measure import measure
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     FormatOpt,
     ImageSizeOpt,
-    InChannelsOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     SeedOpt,
     ThreadsOpt,
-    TrustOpt,
     check_format,
     command,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
 from .render import history_rows, render_text, rich_history, rich_table
 
 
-def measure_files(paths, *, data, image_size, channels, seed, input_shape, threads, batch_size,
-                  trust, arch, num_classes, in_channels, min_run_time=None):
+def measure_files(paths, *, data, image_size, channels, seed, threads, batch_size,
+                  load: LoadOptions, min_run_time=None):
     """Load and measure each file; data is loaded once, sized like the first model."""
     records, histories = [], []
     split = None
     for path in paths:
-        loaded = open_model(path, trust=trust, arch=arch, num_classes=num_classes,
-                            in_channels=in_channels, input_shape=input_shape)
+        loaded = open_model(path, load)
         if data and split is None:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               like=loaded)
         with stderr_console.status(f"measuring {path}..."):
-            rec = measure(loaded, name=str(path), input_shape=input_shape, data=split,
+            rec = measure(loaded, name=str(path), inputs=load.inputs, data=split,
                           threads=threads, batch_size=batch_size, min_run_time=min_run_time)
         records.append(rec.to_dict())
         histories.append((str(path), loaded.meta.history))
@@ -85,16 +80,18 @@ def register(app: typer.Typer) -> None:
             "Examples:\n\n"
             "  torchslim report pd.pt --data digits\n\n"
             "  torchslim report pd.pt pd-int8.onnx --format markdown\n\n"
-            "  torchslim report weights.pth --arch resnet_small --input-shape 1,8,8 -f json"
+            "  torchslim report weights.pth --arch resnet_small --input-shape 1,8,8 -f json\n\n"
+            "  torchslim report model.pt --trust --input-shape 1,32,32   (your own class)\n\n"
+            "  torchslim report lstm.pt --trust --input 1,20:int64   (token ids)"
         ),
     )
+    @model_options
     def report_cmd(
         models: Annotated[list[Path], typer.Argument(help="Model files; the first is the "
                                                           "baseline for ratios.")],
         data: DataOpt = None,
         image_size: ImageSizeOpt = None,
         channels: ChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         threads: ThreadsOpt = None,
         batch_size: Annotated[int, typer.Option(help="Larger batch for throughput latency.")] = 32,
         min_time: Annotated[
@@ -102,18 +99,13 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Seconds of timing per batch size (more = steadier numbers)."),
         ] = None,
         fmt: FormatOpt = "table",
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
         seed: SeedOpt = 0,
+        load: LoadOptions = None,
     ) -> None:
         """Measure models: params, non-zero params, file size, MACs, latency, accuracy."""
         check_format(fmt)
         records, histories = measure_files(
             models, data=data, image_size=image_size, channels=channels, seed=seed,
-            input_shape=parse_input_shape(input_shape), threads=threads, batch_size=batch_size,
-            trust=trust, arch=arch, num_classes=num_classes, in_channels=in_channels,
-            min_run_time=min_time,
+            threads=threads, batch_size=batch_size, load=load, min_run_time=min_time,
         )
         _emit(records, histories, fmt)

@@ -11,31 +11,29 @@ import torch
 import typer
 from rich.table import Table
 
+from ..compress.artifact import check_model_output, write_model
 from ..compress.config import config_to_dict
 from ..compress.data import check_classes
 from ..compress.distill import DistillConfig, distill
-from ..compress.errors import TorchslimError, UsageError
-from ..compress.io import check_output, history_entry, require_module, save_model
+from ..compress.errors import UsageError
+from ..compress.inputs import call
+from ..compress.io import LoadOptions, history_entry, require_module
 from ..compress.measure import count_macs, count_params
 from ..compress.swap import SwapConfig, swap_model
 from ..compress.train import evaluate
 from .common import (
-    ArchOpt,
     ChannelsOpt,
     DataOpt,
     ForceOpt,
     ImageSizeOpt,
-    InChannelsOpt,
-    InputShapeOpt,
-    NumClassesOpt,
     OutOpt,
     SeedOpt,
-    TrustOpt,
     command,
     fit_progress,
+    input_spec,
+    model_options,
     open_data,
     open_model,
-    parse_input_shape,
     stderr_console,
     stdout_console,
 )
@@ -49,19 +47,12 @@ EPILOG = (
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json")]
 
 
-def numbers(model: torch.nn.Module, example: torch.Tensor, split) -> dict:
+def numbers(model: torch.nn.Module, example, split) -> dict:
     """params, MACs and (with data) validation top-1: the history's before/after record."""
     out = {"params": count_params(model)[0], "macs": count_macs(model, example)}
     if split is not None:
         out["accuracy"] = evaluate(model, split.val)[0]
     return out
-
-
-def _example_input(loaded, split) -> torch.Tensor:
-    shape = loaded.meta.input_shape or (split.input_shape if split is not None else None)
-    if not shape:
-        raise TorchslimError("cannot tell the model's input shape; pass --input-shape C,H,W")
-    return torch.zeros(1, *shape)
 
 
 def _layer_table(report) -> Table:
@@ -117,6 +108,7 @@ def _print_summary(before: dict, swapped: dict, after: dict | None, output: Path
 
 def register(app: typer.Typer) -> None:
     @command(app, "swap", epilog=EPILOG)
+    @model_options
     def swap_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to swap.")],
         output: OutOpt,
@@ -153,13 +145,9 @@ def register(app: typer.Typer) -> None:
         temperature: Annotated[float, typer.Option(help="KD temperature.")] = 4.0,
         alpha: Annotated[float, typer.Option(help="KD soft-loss weight.")] = 0.7,
         seed: SeedOpt = 0,
-        trust: TrustOpt = False,
-        arch: ArchOpt = None,
-        num_classes: NumClassesOpt = None,
-        in_channels: InChannelsOpt = None,
-        input_shape: InputShapeOpt = None,
         force: ForceOpt = False,
         fmt: FormatOpt = "table",
+        load: LoadOptions = None,
     ) -> None:
         """Swap standard convolutions for depthwise-separable ones initialised from the original
         weights (SVD, refitted on --data images), optionally recover by distillation."""
@@ -170,24 +158,24 @@ def register(app: typer.Typer) -> None:
         cfg = SwapConfig(conv=conv, mid=mid, min_channels=min_channels, skip=tuple(skip or ()),
                          act=act, gelu=gelu, linear=linear, rank_ratio=rank_ratio,
                          refit_rounds=refit_rounds)
-        check_output(output, force=force, inputs=[model_path])
-        loaded = open_model(model_path, trust=trust, arch=arch, num_classes=num_classes,
-                            in_channels=in_channels, input_shape=parse_input_shape(input_shape))
+        check_model_output(output, force=force, inputs=[model_path])
+        loaded = open_model(model_path, load)
         model = require_module(loaded, "swap").eval()
         split = None
         if data is not None:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               like=loaded)
-        example = _example_input(loaded, split)
+        spec = input_spec(loaded, split)
+        example = spec.example(1)
         if split is not None:
             with torch.no_grad():
-                check_classes(model(example).shape[-1], split)
-        calib = split.train.tensors[0][:calib_images] if split is not None else None
+                check_classes(call(model, example).shape[-1], split)
+        calib = split.head(calib_images) if split is not None else None
         with stderr_console.status("swapping layers..."):
             swapped, report = swap_model(model, cfg, calib)
         before, mid_rec = numbers(model, example, split), numbers(swapped, example, split)
         meta = copy.deepcopy(loaded.meta)
-        meta.input_shape = meta.input_shape or tuple(example.shape[1:])
+        meta.set_input_spec(spec)
         entry = history_entry("swap", config_to_dict(cfg), before, mid_rec, _layer_notes(report))
         entry["layers"] = report.to_dict()["layers"]  # per-layer errors, machine-readable
         meta.history.append(entry)
@@ -200,7 +188,7 @@ def register(app: typer.Typer) -> None:
                 "distill", {**config_to_dict(dcfg), "teacher": str(model_path),
                             "data": split.name}, mid_rec, after,
                 [f"best epoch {result.best_epoch} of {epochs}"]))
-        save_model(swapped, output, meta, force=force, inputs=[model_path])
+        write_model(swapped, output, meta, force=force, inputs=[model_path])
         if fmt == "json":
             typer.echo(json.dumps({"layers": report.to_dict()["layers"],
                                    "functional": report.functional, "notes": report.notes,

@@ -15,7 +15,6 @@ from .common import (
     ChannelsOpt,
     DataOpt,
     ForceOpt,
-    ImageSizeOpt,
     OutOpt,
     SeedOpt,
     command,
@@ -50,6 +49,14 @@ def train_registry_model(arch: str, data, cfg: TrainConfig, title: str | None = 
     return model, meta, result
 
 
+def _too_small(shape, min_size) -> bool:
+    return len(shape) != 3 or shape[1] < min_size[0] or shape[2] < min_size[1]
+
+
+TRAIN_SIZE_HELP = ("Resize images to H,W. Default: the data's own size, or the model's input "
+                   "size (`torchslim models`) when the data is smaller than the model takes.")
+
+
 def register(app: typer.Typer) -> None:
     @command(
         app,
@@ -61,7 +68,7 @@ def register(app: typer.Typer) -> None:
         arch: Annotated[str, typer.Argument(help="Registry model name (`torchslim models`).")],
         output: OutOpt,
         data: DataOpt = "digits",
-        image_size: ImageSizeOpt = None,
+        image_size: Annotated[str | None, typer.Option(help=TRAIN_SIZE_HELP)] = None,
         channels: ChannelsOpt = None,
         epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
         lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 3e-3,
@@ -72,9 +79,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a registry model on --data and save it as a torchslim .pt with its history."""
         check_output(output, force=force)
-        model_info(arch)  # an unknown name fails here, before any data is loaded
+        info = model_info(arch)  # an unknown name fails here, before any data is loaded
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=augment)
         split = open_data(data, image_size=image_size, channels=channels, seed=seed)
+        if image_size is None and _too_small(split.input_shape, info["min_size"]):
+            size = ",".join(map(str, info["input_size"]))
+            stderr_console.print(f"[dim]{split.name} images are smaller than {info['name']} "
+                                 f"takes; resized to its input size {size}[/]")
+            split = open_data(data, image_size=size, channels=channels, seed=seed)
         stderr_console.print(f"[dim]{split.describe()}[/]")
         model, meta, result = train_registry_model(arch, split, cfg)
         save_model(model, Path(output), meta, force=force)

@@ -1,7 +1,10 @@
 """Data sets: ``digits`` (built in), an image folder, or a ``.npz``/``.pt`` tensor file.
 
-Everything is loaded into memory as float32 (N, C, H, W) tensors: the target users have
-hundreds to thousands of small images, for which in-memory tensors are simplest and fastest.
+Everything is loaded into memory: the target users have hundreds to thousands of small
+samples, for which in-memory tensors are simplest and fastest. Images are float32
+(N, C, H, W); a tensor file may instead hold any inputs a model takes (token ids as int64,
+sequences, several inputs as ``x0, x1, ...``), each split's TensorDataset holding
+``(*inputs, labels)``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch.utils.data import TensorDataset
 
 from .errors import TorchslimError, UsageError
 from .filecheck import check_npz
-from .safeload import load_checked
+from .inputs import InputSpec
+from .safeload import AlteredFile, load_checked
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("digits",)
@@ -29,19 +33,34 @@ class DataSplit:
     val: TensorDataset
     num_classes: int
     class_names: list[str]
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, ...]  # (C, H, W) for images; the first input's sample shape
     name: str
     # Held out from choosing: a search picks on val and reports on test. None unless asked
     # for (test_fraction) or the data set has an official test split.
     test: TensorDataset | None = None
 
+    @property
+    def inputs(self) -> InputSpec:
+        """What one sample feeds the model: every tensor but the labels, batch 1."""
+        splits = [s for s in (self.train, self.val, self.test) if s is not None and len(s)]
+        tensors = [torch.cat([s.tensors[i][:4096] for s in splits])
+                   for i in range(len(self.train.tensors) - 1)]
+        return InputSpec.from_tensors(tensors)
+
+    def head(self, n: int, split: str = "train") -> tuple[torch.Tensor, ...]:
+        """The first ``n`` samples' inputs (no labels), as the model takes them."""
+        return tuple(t[:n] for t in getattr(self, split).tensors[:-1])
+
+    @property
+    def is_image(self) -> bool:
+        return self.inputs.image_shape is not None
+
     def describe(self) -> str:
-        c, h, w = self.input_shape
         test = f" / {len(self.test)} test" if self.test is not None else ""
-        return (
-            f"{self.name}: {len(self.train)} train / {len(self.val)} val{test} images, "
-            f"{c}x{h}x{w}, {self.num_classes} classes"
-        )
+        what = "images, " + "x".join(map(str, self.input_shape)) if self.is_image else \
+            f"samples of {self.inputs.describe()}"
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val{test} {what}, "
+                f"{self.num_classes} classes")
 
 
 def load_data(
@@ -53,30 +72,47 @@ def load_data(
     seed: int = 0,
     train_limit: int | None = None,
     test_fraction: float = 0.0,
+    like: InputSpec | None = None,
+    strict_image: bool = True,
 ) -> DataSplit:
     """Load ``spec`` and split it into stratified, seed-deterministic train/val sets, plus
-    a test set when ``test_fraction`` > 0 (carved first, so val and test never overlap)."""
+    a test set when ``test_fraction`` > 0 (carved first, so val and test never overlap).
+
+    ``like`` is the model's input spec when known: a 3-D float array is then kept as
+    sequences (N, L, D) if the model takes rank-3 input, else read as grayscale images.
+    ``size``/``channels`` resize image data; on other data they are an error when
+    ``strict_image`` (the user asked for them), else ignored (taken from a model's shape)."""
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1) and leave training data, got "
                          f"{test_fraction} with val {val_fraction}")
-    x, y, names, label = _load_raw(spec, size, channels)
-    x = _resize(x, size)
-    x = _to_channels(x, channels)
+    xs, y, names, label = _load_raw(spec, size, channels, like)
+    if len(xs) == 1 and xs[0].dim() == 4 and xs[0].is_floating_point():
+        xs = [_to_channels(_resize(xs[0], size), channels)]
+    elif (size or channels) and strict_image:
+        raise UsageError(f"--image-size/--channels apply to image data; {label} holds "
+                         f"{', '.join(_dims(x) for x in xs)} arrays")
     train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
     if train_limit is not None:
         train_idx = _limit_stratified(train_idx, y, train_limit, seed)
-    c, h, w = x.shape[1:]
+
+    def subset(idx):
+        return TensorDataset(*[x[idx] for x in xs], y[idx])
+
     return DataSplit(
-        train=TensorDataset(x[train_idx], y[train_idx]),
-        val=TensorDataset(x[val_idx], y[val_idx]),
+        train=subset(train_idx),
+        val=subset(val_idx),
         num_classes=len(names),
         class_names=names,
-        input_shape=(int(c), int(h), int(w)),
+        input_shape=tuple(int(d) for d in xs[0].shape[1:]),
         name=label,
-        test=TensorDataset(x[test_idx], y[test_idx]) if test_idx is not None else None,
+        test=subset(test_idx) if test_idx is not None else None,
     )
+
+
+def _dims(x: torch.Tensor) -> str:
+    return "(N, " + ", ".join(map(str, x.shape[1:])) + f") {str(x.dtype).removeprefix('torch.')}"
 
 
 def split_indices(y: torch.Tensor, val_fraction: float, test_fraction: float, seed: int):
@@ -90,16 +126,19 @@ def split_indices(y: torch.Tensor, val_fraction: float, test_fraction: float, se
     return rest[train_r], rest[val_r], test
 
 
-def _load_raw(spec, size, channels):
+def _load_raw(spec, size, channels, like=None):
+    """([inputs...], labels, class names, display name)."""
     if spec in BUILTIN:
-        return (*_digits(), "digits")
+        x, y, names = _digits()
+        return [x], y, names, "digits"
     path = Path(spec)
     if path.is_dir():
-        return (*_image_folder(path, size, channels), path.name)
+        x, y, names = _image_folder(path, size, channels)
+        return [x], y, names, path.name
     if path.suffix.lower() in (".npz", ".pt", ".pth"):
         if not path.exists():
             raise TorchslimError(f"data file not found: {path}; check the path")
-        return (*_tensor_file(path), path.name)
+        return (*_tensor_file(path, like), path.name)
     if not path.exists():
         raise TorchslimError(
             f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}), and no such "
@@ -154,38 +193,74 @@ def _image_folder(root: Path, size, channels):
     return x.contiguous(), torch.tensor(labels, dtype=torch.int64), classes
 
 
-def _tensor_file(path: Path):
+TENSOR_FILE_HINT = ("hold the inputs as 'x' (or 'x0', 'x1', ... for a model with several "
+                    "inputs, in forward's order) and the labels as 'y'")
+
+
+def _tensor_file(path: Path, like: InputSpec | None = None):
     try:
         if path.suffix.lower() == ".npz":
             with open(path, "rb") as fh:
                 check_npz(fh, path.stat().st_size)  # sizes first: no deflate bomb
                 fh.seek(0)
                 with np.load(fh, allow_pickle=False) as f:
-                    x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+                    arrays = {k: torch.from_numpy(f[k]) for k in f.files}
         else:
             d = load_checked(path)  # tensors and containers only, sizes checked
-            x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
-    except KeyError as exc:
-        raise TorchslimError(f"{path} must hold arrays named 'x' and 'y' (missing {exc})") from exc
+            if not isinstance(d, dict):
+                raise TorchslimError(f"{path} holds a {type(d).__name__}; {TENSOR_FILE_HINT}")
+            arrays = {k: torch.as_tensor(v) for k, v in d.items()}
+    except AlteredFile as exc:
+        raise TorchslimError(f"cannot read data file {path}: {exc}") from exc
+    except TorchslimError:
+        raise
     except Exception as exc:  # numpy/torch raise many types for bad files
         raise TorchslimError(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from exc
-    return _check_tensors(x, y, path)
+    xs = _input_arrays(arrays, path)
+    if "y" not in arrays:
+        raise TorchslimError(f"{path} has no labels 'y'; {TENSOR_FILE_HINT}")
+    return _check_tensors(xs, arrays["y"], path, like)
 
 
-def _check_tensors(x: torch.Tensor, y: torch.Tensor, path: Path):
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4:
-        raise TorchslimError(f"{path}: x must be (N, C, H, W) or (N, H, W), got {tuple(x.shape)}")
-    if y.dim() != 1 or len(y) != len(x):
-        raise TorchslimError(f"{path}: y must be (N,) labels matching x, got {tuple(y.shape)}")
-    if y.is_floating_point() or y.min() < 0:
+def _input_arrays(arrays: dict, path: Path) -> list[torch.Tensor]:
+    if "x" in arrays:
+        return [arrays["x"]]
+    numbered = []
+    while f"x{len(numbered)}" in arrays:
+        numbered.append(arrays[f"x{len(numbered)}"])
+    if not numbered:
+        raise TorchslimError(f"{path} has no inputs 'x' or 'x0'; {TENSOR_FILE_HINT}")
+    return numbered
+
+
+def _check_tensors(xs: list[torch.Tensor], y: torch.Tensor, path: Path, like=None):
+    if y.dim() != 1 or any(x.dim() < 1 or len(x) != len(y) for x in xs):
+        raise TorchslimError(f"{path}: y must be (N,) labels and every input must have N rows; "
+                             f"got y {tuple(y.shape)}, inputs {[tuple(x.shape) for x in xs]}")
+    if y.is_floating_point() or y.dtype == torch.bool or (len(y) and y.min() < 0):
         raise TorchslimError(f"{path}: y must hold integer class indices 0..C-1")
+    if not len(y):
+        raise TorchslimError(f"{path} holds no samples")
+    xs = [_as_model_input(x, i, like) for i, x in enumerate(xs)]
     num_classes = int(y.max()) + 1
     if num_classes > MAX_CLASSES:  # the class list is built in memory: a file must not size it
         raise TorchslimError(f"{path}: y holds class index {num_classes - 1}; labels must be "
                              f"0..C-1 with C at most {MAX_CLASSES}")
-    return x.float(), y.long(), [str(i) for i in range(num_classes)]
+    return xs, y.long(), [str(i) for i in range(num_classes)]
+
+
+def _as_model_input(x: torch.Tensor, i: int, like: InputSpec | None) -> torch.Tensor:
+    """Floats become float32, integers int64 (what embeddings index with); a 3-D float
+    array is read as grayscale images (N, H, W) unless the model takes rank-3 input."""
+    if x.dtype == torch.bool:
+        return x
+    if not x.is_floating_point():
+        return x.long()
+    x = x.float()
+    wanted = like.tensors[i].shape if like is not None and i < len(like.tensors) else None
+    if x.dim() == 3 and (wanted is None or len(wanted) == 4):
+        x = x.unsqueeze(1)
+    return x
 
 
 def _resize(x: torch.Tensor, size):

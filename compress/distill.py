@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import register_config
 from .errors import TorchslimError, UsageError
+from .inputs import call
 from .train import Callbacks, FitResult, TrainConfig, evaluate, fit
 
 
@@ -95,7 +96,7 @@ class FeatureLoss:
         self.handles.clear()
         self.feats.clear()
 
-    def __call__(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, xs, logits: torch.Tensor) -> torch.Tensor:
         students = [self.feats[f"s{i}"] for i in range(len(self.matches))]
         adapted = (self.apply_adapters or _AdapterStack(self.adapters))(students)
         # Relative MSE (divided by the teacher feature's mean square): raw feature scales
@@ -156,7 +157,7 @@ def _output_shape(model: nn.Module, name: str, example: torch.Tensor) -> tuple[i
     was_training = model.training
     try:
         model.eval()
-        model(example)
+        call(model, example)
     finally:
         model.train(was_training)
         handle.remove()
@@ -194,7 +195,7 @@ def check_classes(teacher: nn.Module, student: nn.Module, example, num_classes: 
     for label, model in (("teacher", teacher), ("student", student)):
         was_training = model.training
         model.eval()
-        counts[label] = int(model(example).shape[1])
+        counts[label] = int(call(model, example).shape[1])
         model.train(was_training)
     if counts["teacher"] != counts["student"]:
         raise TorchslimError(
@@ -267,7 +268,7 @@ def distill(
     device = init_distributed(d, cfg.device)
     tcfg = cfg.train_config(d.world)
     tcfg = TrainConfig(**{**vars(tcfg), "device": device})
-    example = data.train.tensors[0][:2]
+    example = data.head(2)
     check_classes(teacher, student, example, data.num_classes)
     feature = (
         build_feature_loss(teacher, student, cfg.matches, example, cfg.feature_weight)

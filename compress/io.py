@@ -1,9 +1,11 @@
-"""Model files: load the five kinds users bring, save torchslim's own, write atomically.
+"""Model files: load the kinds users bring, save torchslim's own, write atomically.
 
 torchslim's own ``.pt`` file pickles the whole module (so pruned and swapped shapes survive)
-inside ``{"format": "torchslim", "model": ..., "meta": ...}``; it loads with
-``weights_only=True`` and an allow-list of module classes, so no pickled code runs and no
-``--trust`` is needed. Any other pickle needs ``--trust``.
+inside ``{"format": "torchslim", "model": ..., "meta": ...}``. When every module class in it
+is torch's or torchslim's, it loads with ``weights_only=True`` and an allow-list of module
+classes, so no pickled code runs and no ``--trust`` is needed. A model built from the user's
+own classes is saved the same way, with ``meta.requires`` naming the classes it needs;
+like any other pickle it then loads only with ``--trust``, from where those classes import.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from .. import __version__
 from .errors import TorchslimError, UsageError
 from .filecheck import check_onnx
+from .inputs import InputSpec
 from .safeload import ALTERED, AlteredFile, NeedsTrust, UnreadableFile, is_zip, load_checked
 
 FORMAT = "torchslim"
@@ -51,11 +54,27 @@ class ModelMeta:
     class_names: list[str] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     torchslim_version: str = __version__
+    # Every input of forward (InputSpec.to_list()); input_shape alone means one float image.
+    inputs: list[dict[str, Any]] | None = None
+    # "module.Class" of the user's own module classes the pickled model needs to load.
+    requires: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape) if self.input_shape else None
         return d
+
+    def input_spec(self) -> InputSpec | None:
+        spec = InputSpec.from_list(self.inputs)
+        if spec is None and self.input_shape:
+            spec = InputSpec.image(self.input_shape)
+        return spec
+
+    def set_input_spec(self, spec: InputSpec) -> None:
+        """Record ``spec``; ``input_shape`` keeps the one-float-input shape older readers use."""
+        self.inputs = spec.to_list()
+        single = spec.tensors[0] if len(spec.tensors) == 1 else None
+        self.input_shape = single.sample_shape if single is not None and single.is_float else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ModelMeta:
@@ -72,7 +91,7 @@ class LoadedModel:
     """A model and where it came from. ``model`` is None for ONNX files (run by onnxruntime)."""
 
     model: nn.Module | torch.jit.ScriptModule | None
-    kind: str  # "torchslim" | "pickle" | "torchscript" | "state_dict" | "onnx"
+    kind: str  # "torchslim" | "pickle" | "torchscript" | "state_dict" | "onnx" | "exported"
     path: Path | None
     meta: ModelMeta
     file_bytes: int | None
@@ -80,6 +99,28 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.name if self.path else "model"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to open a model file: what every model-reading command shares, in one object."""
+
+    trust: bool = False
+    arch: str | None = None  # architecture of a state_dict: registry name or module:Class
+    num_classes: int | None = None
+    in_channels: int | None = None
+    inputs: InputSpec | None = None  # stated by the user; wins over the file's metadata
+    code_paths: tuple[Path, ...] = ()  # where the user's classes import from (with trust)
+
+    def load(self, path: str | Path) -> LoadedModel:
+        image = self.inputs.image_shape if self.inputs is not None else None
+        loaded = load_model(
+            path, trust=self.trust, arch=self.arch, num_classes=self.num_classes,
+            in_channels=self.in_channels or (image[0] if image else None),
+            input_size=tuple(image[1:]) if image else None, code_paths=self.code_paths)
+        if self.inputs is not None:
+            loaded.meta.set_input_spec(self.inputs)
+        return loaded
 
 
 def trusted(flag: bool) -> bool:
@@ -147,15 +188,37 @@ def load_model(
     num_classes: int | None = None,
     in_channels: int | None = None,
     input_size: tuple[int, int] | None = None,
+    code_paths: Iterable[Path] = (),
 ) -> LoadedModel:
-    """Load any model file torchslim understands; the error says what to do when it can't."""
+    """Load any model file torchslim understands; the error says what to do when it can't.
+
+    With ``trust``, the user's code is imported from ``code_paths``, the current directory
+    and the model file's folder (see usercode.py).
+    """
     path = Path(path)
     size = _check_readable(path)
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, size)
+    if path.suffix.lower() == ".pt2":
+        from .artifact import load_exported
+
+        return load_exported(path, size, trust)
     if is_zip(path) and _is_torchscript(path):
         return _load_torchscript(path, size, trust)
-    return _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size)
+    ctx = _Ctx(trust, arch, num_classes, in_channels, input_size, tuple(code_paths))
+    return _load_pickle_family(path, size, ctx)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What a pickle/state_dict load needs beyond the path."""
+
+    trust: bool
+    arch: str | None
+    num_classes: int | None
+    in_channels: int | None
+    input_size: tuple[int, int] | None
+    code_paths: tuple[Path, ...]
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -219,42 +282,55 @@ def refusal(path: Path, exc: AlteredFile) -> str:
     return f"{path} {ALTERED} ({exc})"
 
 
-def _load_pickle_family(path, size, trust, arch, num_classes, in_channels, input_size):
+def _load_pickle_family(path: Path, size: int, ctx: _Ctx) -> LoadedModel:
     try:
         obj = _safe_load(path)
     except NeedsTrust as exc:
-        if not trusted(trust):
-            raise TorchslimError(f"{path} holds pickled Python objects ({exc}); "
-                                 f"{TRUST_HINT}") from exc
-        obj = _trusted_load(path)
+        if not trusted(ctx.trust):
+            raise TorchslimError(_needs_trust(path)) from exc
+        obj = _trusted_load(path, ctx.code_paths)
     except AlteredFile as exc:
-        if not trusted(trust):
+        if not trusted(ctx.trust):
             raise TorchslimError(refusal(path, exc)) from exc
-        obj = _trusted_load(path)
+        obj = _trusted_load(path, ctx.code_paths)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # not a pickled class: a broken file
             msg = f"{path} is not a readable PyTorch file (not a pickle torch can read)"
             raise TorchslimError(msg) from exc
-        if not trusted(trust):
-            raise TorchslimError(f"{path} holds pickled Python objects; {TRUST_HINT}") from exc
-        obj = _trusted_load(path)
+        if not trusted(ctx.trust):
+            raise TorchslimError(_needs_trust(path)) from exc
+        obj = _trusted_load(path, ctx.code_paths)
     except (KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
         raise TorchslimError(f"{path} is not a readable PyTorch file; re-save the model") from exc
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise TorchslimError(
             f"{path} is corrupt or truncated ({_first_line(exc)}); re-save the model"
         ) from exc
-    return _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_size)
+    return _interpret(obj, path, size, ctx)
 
 
-def _trusted_load(path: Path) -> Any:
+def _needs_trust(path: Path) -> str:
+    from .usercode import pickle_globals, user_classes
+
+    needed = user_classes(pickle_globals(path))
+    what = f"code outside torch and torchslim ({', '.join(needed[:6])})" if needed else \
+        "pickled Python objects"
+    where = "; with --trust, torchslim imports it from the current directory, the model's " \
+            "folder or --code-path DIR" if needed else ""
+    return f"{path} holds {what}; {TRUST_HINT}{where}"
+
+
+def _trusted_load(path: Path, code_paths=()) -> Any:
+    from .usercode import add_import_paths, env_code_paths, explain_unpickle_error
+
+    searched = add_import_paths(path, [*code_paths, *env_code_paths()])
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary pickles fail in arbitrary ways
-        raise TorchslimError(f"could not unpickle {path}: {_first_line(exc)}") from exc
+        raise TorchslimError(explain_unpickle_error(exc, path, searched)) from exc
 
 
-def _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_size):
+def _interpret(obj, path: Path, size: int, ctx: _Ctx) -> LoadedModel:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         meta, model = _meta_of(obj, path), obj.get("model")
         if not isinstance(model, nn.Module):
@@ -263,7 +339,7 @@ def _interpret(obj, path, size, trust, arch, num_classes, in_channels, input_siz
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", path, ModelMeta(), size)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        model, meta = _from_state_dict(obj, path, trust, arch, num_classes, in_channels, input_size)
+        model, meta = _from_state_dict(obj, path, ctx)
         return LoadedModel(model.eval(), "state_dict", path, meta, size)
     raise TorchslimError(
         f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module, its "
@@ -280,22 +356,22 @@ def _meta_of(obj: dict, path: Path) -> ModelMeta:
         raise TorchslimError(f"{path} {ALTERED} (its metadata is malformed)") from exc
 
 
-def _from_state_dict(state, path, trust, arch, num_classes, in_channels, input_size):
-    if not arch:
+def _from_state_dict(state, path, ctx: _Ctx):
+    if not ctx.arch:
         raise TorchslimError(
             f"{path} is a state_dict (weights only); pass --arch NAME (see `torchslim models`) "
             "or --arch module:Class to say which architecture it belongs to"
         )
-    num_classes = num_classes or _infer_classes(state)
-    model, spec = _build_arch(arch, trust, num_classes, in_channels, input_size)
+    num_classes = ctx.num_classes or _infer_classes(state)
+    model, spec = _build_arch(ctx, num_classes, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise TorchslimError(
-            f"{path} does not fit --arch {arch} ({_first_line(exc)}); check --arch, "
+            f"{path} does not fit --arch {ctx.arch} ({_first_line(exc)}); check --arch, "
             "--num-classes, --in-channels and --input-size"
         ) from exc
-    shape = (in_channels or 1, *input_size) if input_size else None
+    shape = (ctx.in_channels or 1, *ctx.input_size) if ctx.input_size else None
     return model, ModelMeta(arch=spec, input_shape=shape)
 
 
@@ -305,20 +381,21 @@ def _infer_classes(state: dict[str, torch.Tensor]) -> int | None:
     return int(mats[-1].shape[0]) if mats else None
 
 
-def _build_arch(arch, trust, num_classes, in_channels, input_size):
+def _build_arch(ctx: _Ctx, num_classes, path: Path):
     kwargs = {
         k: v
         for k, v in {
             "num_classes": num_classes,
-            "in_channels": in_channels,
-            "input_size": tuple(input_size) if input_size else None,
+            "in_channels": ctx.in_channels,
+            "input_size": tuple(ctx.input_size) if ctx.input_size else None,
         }.items()
         if v is not None
     }
+    arch = ctx.arch
     if ":" in arch:
-        if not trusted(trust):
+        if not trusted(ctx.trust):
             raise TorchslimError(f"--arch {arch} imports and runs your code; {TRUST_HINT}")
-        cls = _import_class(arch)
+        cls = _import_class(arch, path, ctx.code_paths)
         accepted = inspect.signature(cls).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         return cls(**kwargs), {"name": arch, "kwargs": kwargs}
@@ -327,23 +404,36 @@ def _build_arch(arch, trust, num_classes, in_channels, input_size):
     return create_model(arch, **kwargs), {"name": arch, "kwargs": kwargs}
 
 
-def _import_class(spec: str) -> type:
+def _import_class(spec: str, path: Path | None = None, code_paths=()) -> type:
     import importlib
 
+    from .usercode import CODE_HINT, add_import_paths, env_code_paths
+
+    searched = add_import_paths(path, [*code_paths, *env_code_paths()])
     module_name, _, cls_name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module_name), cls_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"cannot import --arch {spec}: module {exc.name!r} not found (searched "
+                         f"{', '.join(searched)}); {CODE_HINT}") from exc
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot import --arch {spec}: {_first_line(exc)}") from exc
 
 
+TRANSFORMS = {"exported": ("quantize",)}  # what a non-eager kind still allows
+
+
 def require_module(loaded: LoadedModel, command: str) -> nn.Module:
     """The eager nn.Module behind a file, or an error naming what this command can't do."""
-    if loaded.kind in ("torchscript", "onnx"):
+    if loaded.kind in ("torchscript", "onnx", "exported") and \
+            command not in TRANSFORMS.get(loaded.kind, ()):
+        can = {"exported": "`report` measures it and `quantize` converts it"}.get(
+            loaded.kind, "only `report` measures it")
+        kind = {"exported": "torch.export (.pt2)", "onnx": "ONNX"}.get(loaded.kind, loaded.kind)
         raise TorchslimError(
-            f"`torchslim {command}` cannot transform a {loaded.kind} file ({loaded.path}); "
-            "only `report` measures it. Pass the eager model (pickle, state_dict + --arch, "
-            "or a torchslim .pt) instead"
+            f"`torchslim {command}` cannot transform a {kind} file ({loaded.path}): "
+            f"{can}, but its layers are no longer modules to change. Pass the eager model "
+            "(a torchslim .pt, a pickle with --trust, or a state_dict + --arch) instead"
         )
     return loaded.model
 
@@ -432,30 +522,41 @@ def save_model(
     force: bool = False,
     inputs: Iterable = (),
 ) -> Path:
-    """Write torchslim's own format; it reloads with :func:`load_model`, no --trust needed."""
-    unsafe = _classes_outside_allow_list(model)
-    if unsafe:
-        raise TorchslimError(
-            f"model uses module classes outside torchslim's safe list ({', '.join(unsafe)}); "
-            "it would need --trust to reload. Save it with torch.save instead"
-        )
+    """Write torchslim's own format. A model of torch/torchslim classes only reloads with
+    :func:`load_model` and no --trust; one that holds the user's own classes records them in
+    ``meta.requires`` and, like the pickle it came from, reloads with --trust."""
+    from .usercode import check_importable, class_names
+
+    _import_torchslim_models()
+    meta.requires = class_names(model, set(safe_classes()))
+    check_importable(meta.requires)
     meta.torchslim_version = __version__
     payload = {"format": FORMAT, "model": model.eval(), "meta": meta.to_dict()}
 
     def write(tmp: Path) -> None:
         torch.save(payload, tmp)
-        try:  # prove the promise: what we write reloads without --trust
-            _safe_load(tmp)
-        except (pickle.UnpicklingError, AlteredFile, NeedsTrust) as exc:
-            raise TorchslimError(
-                f"model holds objects torchslim cannot reload safely ({_first_line(exc)}); "
-                "save it with torch.save and load it with --trust"
-            ) from exc
+        _check_reloads(tmp, bool(meta.requires))
 
     return atomic_write(path, write, force=force, inputs=inputs)
 
 
-def _classes_outside_allow_list(model: nn.Module) -> list[str]:
-    _import_torchslim_models()
-    allowed = set(safe_classes())
-    return sorted({type(m).__qualname__ for m in model.modules() if type(m) not in allowed})
+def _check_reloads(tmp: Path, user_code: bool) -> None:
+    """Prove the promise before the file is renamed into place: it loads again, without
+    --trust when it holds only torch/torchslim classes."""
+    try:
+        if user_code:
+            torch.load(tmp, map_location="cpu", weights_only=False)
+        else:
+            _safe_load(tmp)
+    except (pickle.UnpicklingError, AlteredFile, NeedsTrust) as exc:
+        raise TorchslimError(
+            f"model holds objects torchslim cannot reload safely ({_first_line(exc)}); "
+            "save it with torch.save and load it with --trust"
+        ) from exc
+    except (ImportError, AttributeError) as exc:
+        raise TorchslimError(f"the saved model would not load again ({_first_line(exc)}); "
+                             "its classes must be importable from a module") from exc
+
+
+def requires_trust(meta: ModelMeta) -> bool:
+    return bool(meta.requires)

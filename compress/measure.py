@@ -26,6 +26,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import TorchslimError
+from .inputs import InputSpec, as_spec, call
 
 # ONNX metadata key under which an exporter records the MACs of the fp32 graph; int8 graphs
 # keep the MACs of the model they came from (their integer ops are not "fewer MACs").
@@ -54,7 +55,7 @@ class Measurement:
     state_dict_bytes: int  # the same weights as a plain fp32 state_dict, serialised
     compressed_bytes: int | None  # gzip -6 of the file: the honest size of sparse weights
     macs: int | None  # per sample (batch 1)
-    input_shape: tuple[int, ...]  # one sample, no batch dimension
+    input_shape: tuple[int, ...]  # the (first) input's sample shape, no batch dimension
     latency_ms_median: float  # batch 1
     latency_ms_p90: float
     batch_size: int
@@ -65,6 +66,7 @@ class Measurement:
     top5: float | None  # None without data or with five classes or fewer
     env: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # every input, as --input writes it
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,10 +162,6 @@ EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
 }
 
 
-def _call(model: Callable, example) -> Any:
-    return model(*example) if isinstance(example, tuple) else model(example)
-
-
 def count_macs(model: nn.Module, example_input) -> int:
     """Multiply-accumulates of one forward pass on ``example_input`` (a tensor or tuple).
 
@@ -173,7 +171,7 @@ def count_macs(model: nn.Module, example_input) -> int:
     """
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
     with _eval_mode(model), torch.inference_mode(), counter:
-        _call(model, example_input)
+        call(model, example_input)
     return counter.get_total_flops() // 2
 
 
@@ -299,7 +297,7 @@ def gzip_bytes(paths: list[Path]) -> int:
 
 class _TorchSubject:
     fixed_batch = None
-    static_shape = None
+    static_spec = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -309,13 +307,14 @@ class _TorchSubject:
         floats = (p.dtype for p in model.parameters() if p.is_floating_point())
         self.dtype = next(floats, torch.float32)
 
-    def forward(self, x: torch.Tensor):
-        return self.model(x)
+    def forward(self, *xs: torch.Tensor):
+        return self.model(*xs)
 
-    timed = forward
+    def timed(self, xs: tuple):
+        return self.model(*xs)
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def prepare(self, xs: tuple) -> tuple:
+        return xs
 
     def count_params(self) -> tuple[int, int]:
         return count_params(self.model)
@@ -323,7 +322,7 @@ class _TorchSubject:
     def state_dict_bytes(self) -> int:
         return state_dict_bytes(self.model.state_dict())
 
-    def macs(self, example: torch.Tensor) -> int:
+    def macs(self, example: tuple) -> int:
         return count_macs(self.model, example)
 
 
@@ -336,7 +335,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open(target, threads: int):
-    """(subject, the files it came from, metadata input shape) for a module or LoadedModel."""
+    """(subject, the files it came from, metadata input spec) for a module or LoadedModel."""
     if isinstance(target, nn.Module):
         return _TorchSubject(target), [], None
     kind = getattr(target, "kind", None)
@@ -344,29 +343,31 @@ def _open(target, threads: int):
         raise TorchslimError(f"cannot measure a {type(target).__name__}; pass an nn.Module, "
                              "a ScriptModule or a model loaded with load_model()")
     meta = getattr(target, "meta", None)
-    meta_shape = tuple(meta.input_shape) if meta is not None and meta.input_shape else None
+    meta_spec = meta.input_spec() if meta is not None else None
     path = Path(target.path) if target.path else None
     if kind == "onnx":
         from .measure_onnx import OnnxSubject  # onnx and onnxruntime load only when needed
 
         subject = OnnxSubject(path, threads)
-        return subject, subject.files, meta_shape
+        return subject, subject.files, meta_spec
     subject = _TorchSubject(target.model)
     if path is not None:
         subject.default_name = path.name
-    return subject, [path] if path is not None else [], meta_shape
+    return subject, [path] if path is not None else [], meta_spec
 
 
-def _resolve_shape(explicit, meta_shape, subject, data, name: str) -> tuple[int, ...]:
+def _resolve_spec(explicit, meta_spec, subject, data, name: str) -> InputSpec:
     """Explicit > file metadata (torchslim meta, then a static ONNX input) > the data."""
-    data_shape = None
+    data_spec = None
     if data is not None:
-        data_shape = getattr(data, "input_shape", None) or tuple(_val(data)[0][0].shape)
-    for shape in (explicit, meta_shape, subject.static_shape, data_shape):
-        if shape:
-            return tuple(int(d) for d in shape)
+        data_spec = data.inputs if hasattr(data, "inputs") else \
+            InputSpec.from_tensors([t[:1] for t in _val(data).tensors[:-1]])
+    for spec in (as_spec(explicit), meta_spec, subject.static_spec, data_spec):
+        if spec is not None:
+            model = getattr(subject, "model", None)
+            return spec.with_vocab(model) if isinstance(model, nn.Module) else spec
     raise TorchslimError(f"no input shape known for {name}: pass --input-shape C,H,W "
-                         "(or --data, whose samples give the shape)")
+                         "(or --input SHAPE:DTYPE per input, or --data, whose samples give it)")
 
 
 def _val(data):
@@ -378,14 +379,15 @@ def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _trial(subject, example: torch.Tensor, name: str) -> torch.Tensor:
+def _trial(subject, example: tuple, spec: InputSpec, name: str) -> torch.Tensor:
     try:
         with torch.inference_mode():
-            out = subject.forward(example)
-    except (RuntimeError, ValueError, IndexError) as exc:
+            out = subject.forward(*example)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
         raise TorchslimError(
-            f"input shape {_dims(example.shape)} does not fit model {name}: "
-            f"{_first_line(exc)}; pass --input-shape C,H,W matching the model") from exc
+            f"input shape {spec.describe()} does not fit model {name}: {_first_line(exc)}; "
+            "state the model's input with --input-shape C,H,W, or --input SHAPE:DTYPE per input "
+            "(e.g. --input 1,20:int64)") from exc
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -394,17 +396,20 @@ def _trial(subject, example: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
-def _check_data(out: torch.Tensor, data, shape: tuple[int, ...], name: str) -> None:
+def _check_data(out: torch.Tensor, data, spec: InputSpec, name: str) -> None:
     val = _val(data)
     if len(val) == 0:
         raise TorchslimError(f"the validation split of {_data_name(data)} is empty; "
                              "use more data or a larger validation fraction")
-    sample = tuple(val[0][0].shape)
-    if sample != shape:
+    samples = [tuple(t.shape[1:]) for t in val.tensors[:-1]]
+    wanted = [t.sample_shape for t in spec.tensors]
+    if samples != wanted:
+        got = ", ".join(_dims(s) for s in samples)
         raise TorchslimError(
-            f"{_data_name(data)} has samples of shape {_dims(sample)} but {name} is measured "
-            f"at {_dims(shape)}; resize the data (--image-size/--channels) to match the model")
-    classes = getattr(data, "num_classes", None) or int(val[:][1].max()) + 1
+            f"{_data_name(data)} has samples of shape {got} but {name} is measured at "
+            f"{', '.join(_dims(s) for s in wanted)}; resize the data (--image-size/--channels) "
+            "or state the model's input (--input-shape / --input) to match")
+    classes = getattr(data, "num_classes", None) or int(val.tensors[-1].max()) + 1
     if out.dim() != 2 or out.shape[1] != classes:
         got = out.shape[1] if out.dim() == 2 else f"shape {_dims(out.shape)}"
         raise TorchslimError(
@@ -416,33 +421,35 @@ def _data_name(data) -> str:
     return getattr(data, "name", "the data")
 
 
-def _example(shape: tuple[int, ...], batch: int, dtype: torch.dtype) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *shape), generator=gen).to(dtype)
+def _example(spec: InputSpec, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Generated inputs; float inputs in the model's own float dtype (an fp16 pickle)."""
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in spec.example(batch))
 
 
-def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | None = None,
-            data=None, threads: int | None = None, batch_size: int = 32,
-            min_run_time: float | None = None) -> Measurement:
+def measure(target, *, name: str | None = None, input_shape=None, data=None,
+            threads: int | None = None, batch_size: int = 32,
+            min_run_time: float | None = None, inputs: InputSpec | None = None) -> Measurement:
     """Measure a module, ScriptModule or LoadedModel (ONNX files run in onnxruntime).
 
-    ``input_shape`` is one sample's shape without batch, e.g. (1, 60, 120). ``data`` (a
-    DataSplit, or a dataset) adds accuracy on its validation split. ``threads`` defaults to
-    torch's current intra-op thread count; ``min_run_time`` is seconds of timing per batch.
+    ``inputs`` (an InputSpec) or ``input_shape`` (one float input's sample shape, e.g.
+    (1, 60, 120)) says what the model takes; otherwise the file's metadata or the data does.
+    ``data`` (a DataSplit, or a dataset) adds accuracy on its validation split. ``threads``
+    defaults to torch's current intra-op thread count; ``min_run_time`` is seconds of timing
+    per batch.
     """
     threads = int(threads or torch.get_num_threads())
     run_time = DEFAULT_MIN_RUN_TIME if min_run_time is None else float(min_run_time)
-    subject, files, meta_shape = _open(target, threads)
+    subject, files, meta_spec = _open(target, threads)
     name = name or subject.default_name
-    shape = _resolve_shape(input_shape, meta_shape, subject, data, name)
+    spec = _resolve_spec(inputs or input_shape, meta_spec, subject, data, name)
     # every step runs on the recorded thread count, accuracy and MAC counting included
     with _eval_mode(getattr(subject, "model", None)), _torch_threads(threads):
-        example = _example(shape, 1, subject.dtype)
-        out = _trial(subject, example, name)
+        example = _example(spec, 1, subject.dtype)
+        out = _trial(subject, example, spec, name)
         if data is not None:
-            _check_data(out, data, shape, name)
+            _check_data(out, data, spec, name)
         params, nonzero = subject.count_params()
-        lat, batch_lat, notes = _latencies(subject, shape, threads, batch_size, run_time)
+        lat, batch_lat, notes = _latencies(subject, spec, threads, batch_size, run_time)
         top1, top5 = (None, None) if data is None else _accuracy(subject, data, batch_size)
         macs = _macs(subject, example, notes)
     return Measurement(
@@ -450,11 +457,12 @@ def measure(target, *, name: str | None = None, input_shape: tuple[int, ...] | N
         file_bytes=sum(f.stat().st_size for f in files) if files else None,
         state_dict_bytes=subject.state_dict_bytes(),
         compressed_bytes=gzip_bytes(files) if files else None, macs=macs,
-        input_shape=shape, latency_ms_median=lat.median_ms, latency_ms_p90=lat.p90_ms,
-        batch_size=batch_size,
+        input_shape=spec.tensors[0].sample_shape, latency_ms_median=lat.median_ms,
+        latency_ms_p90=lat.p90_ms, batch_size=batch_size,
         batch_latency_ms_median=batch_lat.median_ms if batch_lat else None,
         batch_latency_ms_p90=batch_lat.p90_ms if batch_lat else None,
-        threads=threads, accuracy=top1, top5=top5, env=environment(threads), notes=notes)
+        threads=threads, accuracy=top1, top5=top5, env=environment(threads), notes=notes,
+        inputs=spec.texts())
 
 
 def _macs(subject, example: torch.Tensor, notes: list[str]) -> int | None:
@@ -466,10 +474,10 @@ def _macs(subject, example: torch.Tensor, notes: list[str]) -> int | None:
         return None
 
 
-def _latencies(subject, shape, threads: int, batch_size: int, run_time: float):
+def _latencies(subject, spec, threads: int, batch_size: int, run_time: float):
     """Batch-1 and batch-N latency; an ONNX graph with a fixed batch gets batch 1 only."""
     def timed(batch: int) -> LatencyStats:
-        x = subject.prepare(_example(shape, batch, subject.dtype))
+        x = subject.prepare(_example(spec, batch, subject.dtype))
         return measure_latency(subject.timed, x, threads=threads, min_run_time=run_time)
 
     notes = []

@@ -13,10 +13,13 @@ import numpy as np
 import torch
 
 from .errors import TorchslimError
+from .inputs import InputSpec, TensorSpec
 from .measure import MACS_METADATA_KEY, _first_line, state_dict_bytes
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(double)": np.float64}
+               "tensor(double)": np.float64, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+               "tensor(bool)": np.bool_}
 # Per op: {quantized input index: its zero-point input index} and the inputs that are
 # quantisation scales/zero points (not parameters of the model).
 _QUANT_INPUTS: dict[str, tuple[dict[int, int], set[int]]] = {
@@ -26,6 +29,8 @@ _QUANT_INPUTS: dict[str, tuple[dict[int, int], set[int]]] = {
     "ConvInteger": ({0: 2, 1: 3}, {2, 3}),
     "QLinearMatMul": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
     "QLinearConv": ({0: 2, 3: 5}, {1, 2, 4, 5, 6, 7}),
+    # X, W, R, B, seq_lens, h0, c0, P, W_scale, W_zero_point, R_scale, R_zero_point
+    "DynamicQuantizeLSTM": ({1: 9, 2: 11}, {8, 9, 10, 11}),
 }
 
 
@@ -48,27 +53,25 @@ class OnnxSubject:
             raise TorchslimError(f"onnxruntime cannot run {path}: {_first_line(exc)}; "
                                  "re-export the model (opset 17 or newer)") from exc
         inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise TorchslimError(f"{path} has {len(inputs)} inputs; torchslim measures "
-                                 "single-input models only")
-        dims = inputs[0].shape
-        self.input_name = inputs[0].name
-        self.np_dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
-        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
-        static = all(isinstance(d, int) for d in dims[1:])
-        self.static_shape = tuple(dims[1:]) if static and len(dims) > 1 else None
+        self.feeds = [(i.name, _ORT_DTYPES.get(i.type, np.float32)) for i in inputs]
+        first = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed_batch = first if isinstance(first, int) else None
+        self.static_spec = _static_spec(inputs)
         self.default_name = Path(path).name
         self.proto, self.files = _load_onnx_proto(Path(path))
 
-    def timed(self, x: np.ndarray):
-        return self.session.run(None, {self.input_name: x})
+    def timed(self, feed: dict):
+        return self.session.run(None, feed)
 
-    def prepare(self, x: torch.Tensor) -> np.ndarray:
-        return x.numpy().astype(self.np_dtype)
+    def prepare(self, xs: tuple) -> dict:
+        if len(xs) != len(self.feeds):
+            raise RuntimeError(f"the graph takes {len(self.feeds)} inputs "
+                               f"({', '.join(n for n, _ in self.feeds)}), got {len(xs)}")
+        return {n: x.numpy().astype(t) for (n, t), x in zip(self.feeds, xs, strict=True)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         try:
-            return torch.from_numpy(self.timed(self.prepare(x))[0])
+            return torch.from_numpy(self.timed(self.prepare(xs))[0])
         except Exception as exc:  # InvalidArgument/Fail: make them look like torch's errors
             raise RuntimeError(_first_line(exc)) from exc
 
@@ -114,6 +117,18 @@ class OnnxSubject:
         props = {p.key: p.value for p in self.proto.metadata_props}
         value = props.get(MACS_METADATA_KEY)
         return int(value) if value and value.isdigit() else None
+
+
+def _static_spec(inputs) -> InputSpec | None:
+    """The graph's inputs as an InputSpec when every dimension but the batch is fixed."""
+    specs = []
+    for i in inputs:
+        dims = i.shape or []
+        if len(dims) < 1 or not all(isinstance(d, int) for d in dims[1:]):
+            return None
+        dtype = np.dtype(_ORT_DTYPES.get(i.type, np.float32)).name
+        specs.append(TensorSpec((1, *dims[1:]), "bool" if dtype == "bool" else dtype))
+    return InputSpec(tuple(specs)) if specs else None
 
 
 def _load_onnx_proto(path: Path):

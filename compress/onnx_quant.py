@@ -9,6 +9,7 @@ process with nothing but ``onnxruntime`` (see README, "Quantization"). The torch
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TorchslimError
+from .inputs import resolve
 
 INPUT = "input"
 OUTPUT = "output"
@@ -65,16 +67,47 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
-    """Export eval-mode ``model`` to one self-contained ONNX file with a dynamic batch axis."""
+class ExportRoot(nn.Module):
+    """The model one level down. torch.export builds a GraphModule whose own attributes
+    (``meta``, ``graph``, ``code``...) would clash with a user's top-level submodule of that
+    name (a ``self.meta = nn.Linear`` fails to export); nested, the names cannot collide."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor):
+        return self.model(*xs)
+
+
+def export_args(model: nn.Module, spec) -> tuple[nn.Module, tuple, tuple]:
+    """(root module, example inputs, dynamic shapes) for torch.export / torch.onnx.export,
+    with a dynamic batch axis on every input. The example has batch 2: at batch 1 the
+    exporter specialises the batch dimension to a constant."""
+    from .artifact import ExportedModule
+
     model = model.eval()
-    example = torch.zeros(1, *input_shape)
+    if isinstance(model, ExportedModule):  # a loaded .pt2: export its graph again
+        model = model.graph
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = spec.example(2)
+    return ExportRoot(model), example, (tuple({0: batch} for _ in example),)
+
+
+def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
+    """Export eval-mode ``model`` to one self-contained ONNX file with a dynamic batch axis.
+
+    ``inputs`` is an InputSpec (or a (C, H, W) shape for one float image input). A single
+    input is named ``input``; several keep ``forward``'s parameter names.
+    """
+    spec = resolve(inputs, model=model)
+    names = input_names(model, len(spec.tensors))
+    root, example, dynamic = export_args(model, spec)
     try:
         with _quiet(), torch.no_grad():
             torch.onnx.export(
-                model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                root, example, str(path), input_names=names, output_names=[OUTPUT],
+                dynamo=True, external_data=False, verbose=False, dynamic_shapes=dynamic,
             )
     except Exception as exc:  # the exporter raises many types; its reason is what matters
         raise TorchslimError(
@@ -82,6 +115,20 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Pat
             "by torch.export (no data-dependent Python control flow)"
         ) from exc
     return _strip_debug_info(path)
+
+
+def input_names(model: nn.Module, n: int) -> list[str]:
+    """``input`` for one input; ``forward``'s own parameter names for several, so a runtime
+    user feeds ``{"tokens": ..., "mask": ...}`` as the model's author named them."""
+    if n == 1:
+        return [INPUT]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in params if p.kind in kinds][:n]
+    except (TypeError, ValueError):
+        names = []
+    return names if len(set(names)) == n else [f"input{i}" for i in range(n)]
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -116,12 +163,19 @@ def preprocess(src: Path, dst: Path) -> Path:
 
 def calibration_batches(
     dataset, batches: int, batch_size: int, seed: int = 0
-) -> list[np.ndarray]:
-    """Deterministic random sample of the training set, as (B, C, H, W) float32 arrays."""
-    x = dataset.tensors[0]
+) -> list[tuple[np.ndarray, ...]]:
+    """Deterministic random sample of the training set: per batch, one array per input."""
+    xs = dataset.tensors[:-1]
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(x), generator=gen)[: batches * batch_size]
-    return [x[idx[i : i + batch_size]].numpy() for i in range(0, len(idx), batch_size)]
+    idx = torch.randperm(len(xs[0]), generator=gen)[: batches * batch_size]
+    return [tuple(x[idx[i : i + batch_size]].numpy() for x in xs)
+            for i in range(0, len(idx), batch_size)]
+
+
+def graph_inputs(path: Path | str) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
 def quantize_static_onnx(
@@ -148,15 +202,17 @@ def quantize_static_onnx(
 
     batch = fixed_batch(src)
     if batch:  # the exporter specialised the batch axis: feed that many samples at a time
-        calib = [c[i : i + batch] for c in calib for i in range(0, len(c) - batch + 1, batch)]
+        calib = [tuple(a[i : i + batch] for a in c) for c in calib
+                 for i in range(0, len(c[0]) - batch + 1, batch)]
+    names = graph_inputs(src)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(calib)
 
         def get_next(self):
-            batch = next(self.it, None)
-            return None if batch is None else {INPUT: batch}
+            arrays = next(self.it, None)
+            return None if arrays is None else dict(zip(names, arrays, strict=True))
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -223,20 +279,27 @@ def fixed_batch(path: Path | str) -> int | None:
 
 
 class OnnxRunner:
-    """An ONNX file as a callable ``tensor -> tensor``, so train.evaluate can score it."""
+    """An ONNX file as a callable ``(*tensors) -> tensor``, so train.evaluate can score it."""
 
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         self.sess = session(path, threads)
-        self.input_name = self.sess.get_inputs()[0].name
+        self.inputs = [(i.name, _NP_TYPES.get(i.type, np.float32)) for i in self.sess.get_inputs()]
         first = self.sess.get_inputs()[0].shape[0]
         self.batch = first if isinstance(first, int) else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().float().numpy()
-        step = self.batch or len(x)
-        outs = [self.sess.run(None, {self.input_name: x[i : i + step]})[0]
-                for i in range(0, len(x), step)]
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        arrays = [x.detach().numpy().astype(t) for x, (_, t) in zip(xs, self.inputs, strict=True)]
+        step = self.batch or len(arrays[0])
+        outs = [self.sess.run(None, {n: a[i : i + step] for (n, _), a in
+                                     zip(self.inputs, arrays, strict=True)})[0]
+                for i in range(0, len(arrays[0]), step)]
         return torch.from_numpy(np.concatenate(outs))
+
+
+# ONNX Runtime's input type strings -> the numpy dtype to feed.
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def runtime_ops(path: Path, workdir: Path) -> list[tuple[str, str]]:

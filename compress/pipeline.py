@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifact import write_model
 from .config import config_to_dict
 from .distill import distill
 from .errors import TorchslimError, UsageError
+from .inputs import InputSpec, call, resolve
 from .io import (
     WRITTEN,
     LoadedModel,
@@ -112,9 +114,22 @@ def _check_data_free(configs: list) -> None:
             raise TorchslimError("taylor importance needs gradients: add --data, or use l2")
 
 
-def output_suffix(configs: list) -> str:
+def output_suffixes(configs: list) -> tuple[str, ...]:
+    """What the pipeline can write: a quantize step's own kind, else any model file kind."""
     last = configs[-1] if configs else None
-    return last.suffix if last is not None and last.method == "quantize" else ".pt"
+    if last is not None and last.method == "quantize":
+        return (last.suffix,)
+    from .artifact import MODEL_SUFFIXES
+
+    return MODEL_SUFFIXES
+
+
+def check_output_suffix(output: Path, configs: list) -> None:
+    allowed = output_suffixes(configs)
+    if output.suffix.lower() not in allowed:
+        kinds = " or ".join(f"model{s}" for s in allowed)
+        what = f"a {allowed[0]} file" if len(allowed) == 1 else f"{'/'.join(allowed)} files"
+        raise UsageError(f"this pipeline writes {what}; name -o like {kinds}")
 
 
 def run_pipeline(
@@ -127,18 +142,22 @@ def run_pipeline(
     min_run_time: float | None = None,
     force: bool = False,
     hooks: Hooks | None = None,
+    inputs: InputSpec | None = None,
 ) -> PipelineResult:
-    """Run ``configs`` on ``loaded``; write the final artifact to ``output`` atomically."""
+    """Run ``configs`` on ``loaded``; write the final artifact to ``output`` atomically.
+
+    ``inputs`` states the model's inputs when neither the file nor the data does. Without
+    a quantize step the output may be .pt, .onnx (fp32, self-contained) or .pt2.
+    """
     hooks = hooks or Hooks()
     warnings = check_plan(configs, has_data=data is not None)
-    if output.suffix.lower() != output_suffix(configs):
-        raise UsageError(f"this pipeline writes a {output_suffix(configs)} file; name -o "
-                         f"like model{output_suffix(configs)}")
+    check_output_suffix(output, configs)
     check_output(output, force=force, inputs=[loaded.path])
-    fp32_out = output.with_suffix(".fp32.pt") if output.suffix == ".onnx" else None
+    quantized = configs[-1].method == "quantize"
+    fp32_out = fp32_companion(output) if quantized and output.suffix == ".onnx" else None
     if fp32_out is not None:
         check_output(fp32_out, force=force, inputs=[loaded.path])
-    run = _Run(loaded, data, threads, min_run_time, hooks)
+    run = _Run(loaded, data, threads, min_run_time, hooks, inputs)
     try:  # in the output's folder, so the final rename is atomic; removed on any exit
         workdir = tempfile.TemporaryDirectory(prefix=".torchslim-", dir=output.parent)
     except OSError as exc:
@@ -148,19 +167,24 @@ def run_pipeline(
         run.measure_input()
         for i, cfg in enumerate(configs, 1):
             run.apply(i, cfg)
-        os.replace(run.steps[-1].artifact, output)
+        run.finish(output, quantized)
         WRITTEN.append(output)
-        run.steps[-1].artifact = output
         if fp32_out is not None and run.last_pt is not None:
             os.replace(run.last_pt, fp32_out)
             WRITTEN.append(fp32_out)
     return PipelineResult(run.steps, output, fp32_out, warnings)
 
 
+def fp32_companion(output: Path) -> Path:
+    """Where a quantized pipeline keeps its last fp32 model, beside the int8 output."""
+    return output.with_suffix(".fp32.pt")
+
+
 class _Run:
     """The state one pipeline run carries from step to step."""
 
-    def __init__(self, loaded: LoadedModel, data, threads, min_run_time, hooks: Hooks):
+    def __init__(self, loaded: LoadedModel, data, threads, min_run_time, hooks: Hooks,
+                 inputs: InputSpec | None = None):
         from .io import require_module
 
         self.teacher = copy.deepcopy(require_module(loaded, "compress")).float().eval()
@@ -168,10 +192,13 @@ class _Run:
         self.loaded, self.data, self.hooks = loaded, data, hooks
         self.threads, self.min_run_time = threads, min_run_time
         self.meta = copy.deepcopy(loaded.meta)
-        shape = self.meta.input_shape or (data.input_shape if data else None)
-        if not shape:
-            raise TorchslimError("input shape unknown; pass --input-shape C,H,W or --data")
-        self.meta.input_shape = tuple(shape)
+        spec = resolve(inputs, self.meta.input_spec(), data.inputs if data else None,
+                       model=self.model)
+        if spec is None:
+            raise TorchslimError("input shape unknown; pass --input-shape C,H,W (or --input "
+                                 "SHAPE:DTYPE per input) or --data")
+        self.spec = spec
+        self.meta.set_input_spec(spec)
         if data is not None and not self.meta.class_names:
             self.meta.class_names = list(data.class_names)
         self.steps: list[StepOutcome] = []
@@ -183,25 +210,34 @@ class _Run:
         if self.hooks.stage:
             self.hooks.stage(text)
 
-    def _measure(self, label: str, path: Path, notes: list[str]) -> StepOutcome:
+    def _measure(self, label: str, target: LoadedModel, notes: list[str]) -> StepOutcome:
         self._say(f"measuring {label}")
-        target = load_model(path)
-        rec = measure(target, name=label, input_shape=self.meta.input_shape, data=self.data,
+        rec = measure(target, name=label, inputs=self.spec, data=self.data,
                       threads=self.threads, min_run_time=self.min_run_time).to_dict()
         if self.data is None:
-            rec.update(fidelity(self.teacher, target, self.meta.input_shape))
-        outcome = StepOutcome(label, path, rec, notes)
+            rec.update(fidelity(self.teacher, target, self.spec))
+        outcome = StepOutcome(label, target.path, rec, notes)
         self.steps.append(outcome)
         if self.hooks.step:
             self.hooks.step(outcome)
         return outcome
 
+    def _saved(self, path: Path) -> LoadedModel:
+        """The model just written to ``path``, measured as the file it is: torchslim files
+        of torch classes are reloaded (proving they load); one that holds the user's own
+        classes is measured in memory, since reloading it would run their code again."""
+        if self.meta.requires:
+            size = path.stat().st_size
+            return LoadedModel(copy.deepcopy(self.model).eval(), "torchslim", path,
+                               copy.deepcopy(self.meta), size)
+        return load_model(path)
+
     def measure_input(self) -> None:
         if self.loaded.kind == "torchslim":
-            self._measure("input", self.loaded.path, [])
+            self._measure("input", self.loaded, [])
             return
-        path = save_model(self.model, self.tmp / "step0-input.pt", copy.deepcopy(self.meta))
-        self._measure("input", path, [f"converted from a {self.loaded.kind} file"])
+        path = save_model(self.model, self.tmp / "step0-input.pt", self.meta)
+        self._measure("input", self._saved(path), [f"converted from a {self.loaded.kind} file"])
 
     # -- steps --------------------------------------------------------------------------
     def apply(self, i: int, cfg) -> None:
@@ -216,14 +252,27 @@ class _Run:
         self.meta.history.append(entry)
         path = self.tmp / f"step{i}-{label}.pt"
         save_model(self.model, path, self.meta)
-        outcome = self._measure(label, path, notes)
+        outcome = self._measure(label, self._saved(path), notes)
         entry["after"] = {k: outcome.record.get(k) for k in HISTORY_KEYS}
         save_model(self.model, path, self.meta, force=True)  # now with the measured numbers
         outcome.record["file_bytes"] = path.stat().st_size
         self.last_pt = path
 
+    def finish(self, output: Path, quantized: bool) -> None:
+        """Move the last artifact to ``output``, converting an fp32 .pt to .onnx/.pt2."""
+        last = self.steps[-1]
+        if quantized or output.suffix.lower() == ".pt":
+            os.replace(last.artifact, output)
+        else:
+            tmp = self.tmp / f"final{output.suffix}"
+            write_model(self.model, tmp, copy.deepcopy(self.meta), spec=self.spec)
+            os.replace(tmp, output)
+            last.record["file_bytes"] = output.stat().st_size
+            last.notes.append(f"written as {output.suffix}: needs no Python code to load")
+        last.artifact = output
+
     def _swap(self, cfg) -> list[str]:
-        example = self.data.train.tensors[0][:256] if self.data is not None else None
+        example = self.data.head(256) if self.data is not None else None
         self.model, report = swap_model(self.model, cfg, example)
         return list(report.notes) + [
             f"{lay.name}: relative error {lay.rel_error:.3f}" for lay in report.layers
@@ -235,9 +284,7 @@ class _Run:
         return list(report.notes)
 
     def _prune(self, cfg) -> list[str]:
-        shape = self.meta.input_shape
-        example = (self.data.train.tensors[0][:1] if self.data is not None
-                   else torch.zeros(1, *shape))
+        example = self.data.head(1) if self.data is not None else self.spec.example(1)
         self.model, report = prune_model(self.model, cfg, example, data=self.data,
                                          on_stage=self._say)
         ratio = f"channel ratio {report.ratio:.3f}" if report.ratio is not None else None
@@ -254,23 +301,27 @@ class _Run:
     def _quantize(self, i: int, cfg, before: dict) -> None:
         path = self.tmp / f"step{i}-quantize{cfg.suffix}"
         res = quantize_model(self.model, cfg, out_path=path, data=self.data,
-                             meta=copy.deepcopy(self.meta), input_shape=self.meta.input_shape)
+                             meta=copy.deepcopy(self.meta), inputs=self.spec)
         notes = list(res.notes) + [f"kept in fp32: {f}" for f in res.fallbacks]
         self.meta = res.meta
-        self._measure("quantize", res.path, notes)
+        self._measure("quantize", load_model(res.path, trust=bool(self.meta.requires)), notes)
 
 
 @torch.inference_mode()
-def fidelity(reference: nn.Module, target, shape, n: int = 256, seed: int = 0) -> dict:
+def fidelity(reference: nn.Module, target, spec, n: int = 256, seed: int = 0) -> dict:
     """How closely ``target`` reproduces ``reference`` without labelled data: top-1
     agreement (%) and relative L2 error of the logits on ``n`` generated inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((n, *shape), generator=gen)  # images live in [0, 1]
+    spec = resolve(spec, model=reference)
+    if spec.image_shape is not None:  # images live in [0, 1]
+        gen = torch.Generator().manual_seed(seed)
+        xs = (torch.rand((n, *spec.image_shape), generator=gen),)
+    else:
+        xs = spec.example(n, seed)
     subject, _, _ = _open(target, torch.get_num_threads())
     batch = subject.fixed_batch or n
-    got = torch.cat([torch.as_tensor(subject.forward(subject.prepare(x[i:i + batch]))).float()
+    got = torch.cat([torch.as_tensor(subject.forward(*(x[i:i + batch] for x in xs))).float()
                      for i in range(0, n, batch)])
-    ref = reference.eval()(x).float()
+    ref = call(reference.eval(), xs).float()
     agree = (got.argmax(1) == ref.argmax(1)).float().mean().item() * 100.0
     rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
     return {"fidelity_top1_agreement": agree, "fidelity_rel_error": rel}

@@ -25,6 +25,7 @@ from torch.nn.utils import prune as torch_prune
 from . import measure
 from .config import register_config
 from .errors import TorchslimError
+from .inputs import as_tuple, call
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn-scale", "lamp", "fpgm", "random")
 UNSTRUCTURED_IMPORTANCES = ("l1", "l2", "random")
@@ -137,7 +138,7 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> nn.Module | None
     ]  # hook fires after its children, so it would always look last
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call(model.eval(), example)
     finally:
         for h in hooks:
             h.remove()
@@ -343,11 +344,11 @@ def recalibrate_bn(model: nn.Module, data, images: int = 512, batch_size: int = 
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all calibration batches
-    x = data.train.tensors[0][:images]
+    xs = data.head(images)
     model.train()
     try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+        for i in range(0, len(xs[0]), batch_size):
+            model(*(x[i:i + batch_size] for x in xs))
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
@@ -359,10 +360,10 @@ def taylor_gradients(model: nn.Module, data, batches: int = 4, batch_size: int =
     """Fill .grad with the loss gradient on a few training batches (Taylor importance)."""
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=False)
     model.eval().zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader):
+    for i, (*xs, y) in enumerate(loader):
         if i >= batches:
             break
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(*xs), y).backward()
 
 
 def prune_copy(model, example, cfg, plan: _Plan, ratio, ratios_by_name=None):
@@ -477,7 +478,8 @@ def prune_model(
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` (the input is left untouched), fine-tune it on ``data``
     when ``train_cfg`` has epochs (``distill``: the unpruned model is the teacher), and
-    measure before/after. ``example`` (1, C, H, W) defaults to the data's input shape.
+    measure before/after. ``example`` (a tensor, or a tuple of the model's inputs, batch 1)
+    defaults to generated inputs shaped like the data's.
     Returns (pruned model, report)."""
     if cfg.importance == "taylor" and data is None:
         raise TorchslimError(
@@ -486,7 +488,8 @@ def prune_model(
     if example is None:
         if data is None:
             raise TorchslimError("pass an example input or data, so the graph can be traced")
-        example = torch.zeros(1, *data.input_shape)
+        example = data.inputs.with_vocab(model).example(1)
+    example = as_tuple(example)
     with torch.random.fork_rng():  # seeded random importance, caller's RNG untouched
         torch.manual_seed(cfg.seed)
         return _prune_model(model, cfg, example, data, train_cfg, distill, callbacks,
@@ -514,7 +517,7 @@ def _prune_model(model, cfg, example, data, train_cfg, distill, callbacks, say):
 
 def _output_shape(model, example):
     with torch.no_grad():
-        return tuple(model.eval()(example).shape)
+        return tuple(call(model.eval(), example).shape)
 
 
 def _finetune(model, data, train_cfg, teacher, callbacks, say, label):

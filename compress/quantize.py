@@ -25,6 +25,7 @@ from torch import nn
 from . import onnx_quant as oq
 from .config import config_to_dict, register_config
 from .errors import TorchslimError, UsageError
+from .inputs import InputSpec, call, resolve
 from .io import LoadedModel, ModelMeta, atomic_write, check_output, history_entry, save_model
 
 MODES = ("static", "dynamic", "weight-only", "fp16", "bf16", "qat")
@@ -111,6 +112,7 @@ def quantize_model(
     input_shape: tuple[int, ...] | None = None,
     force: bool = False,
     keep_fp32_onnx: str | Path | None = None,
+    inputs: InputSpec | None = None,
 ) -> QuantResult:
     """Quantize ``model`` per ``cfg`` and write the artifact to ``out_path`` (atomically).
 
@@ -118,26 +120,28 @@ def quantize_model(
     after. ``keep_fp32_onnx`` also writes the fp32 export there (ORT modes) so callers can
     compare both precisions on the same runtime.
     """
-    module, meta, inputs, file_bytes = _resolve(model, meta)
-    shape = tuple(input_shape or meta.input_shape or (data.input_shape if data else ()))
-    if not shape:
-        raise TorchslimError("input shape unknown; pass --input-shape C,H,W or --data")
+    module, meta, sources, file_bytes = _resolve(model, meta)
+    spec = resolve(inputs, input_shape, meta.input_spec(), data.inputs if data else None,
+                   model=module)
+    if spec is None:
+        raise TorchslimError("input shape unknown; pass --input-shape C,H,W (or --input "
+                             "SHAPE:DTYPE per input) or --data")
     out = Path(out_path)
     if out.suffix.lower() != cfg.suffix:
         raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like model"
                          f"{cfg.suffix}")
-    check_output(out, force=force, inputs=inputs)
+    check_output(out, force=force, inputs=sources)
     if cfg.mode in ("static", "qat") and data is None:
         raise TorchslimError(f"{cfg.mode} quantization needs --data to calibrate on "
                              "(e.g. --data digits, or the model's training images)")
     module = copy.deepcopy(module).float().eval()
-    before = _before_stats(module, shape, data, file_bytes)
+    before = _before_stats(module, spec, data, file_bytes)
     meta = copy.deepcopy(meta)
-    meta.input_shape = shape
+    meta.set_input_spec(spec)
     if data is not None and not meta.class_names:
         meta.class_names = list(data.class_names)
     run = _quantize_onnx if cfg.runtime == "onnxruntime" else _quantize_torch
-    res = run(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32_onnx)
+    res = run(module, cfg, spec, data, meta, before, out, force, sources, keep_fp32_onnx)
     res.accuracy_before = before.get("accuracy")
     return res
 
@@ -155,16 +159,16 @@ def _resolve(model, meta):
     return model, meta or ModelMeta(), [], None
 
 
-def _before_stats(module, shape, data, file_bytes) -> dict:
+def _before_stats(module, spec: InputSpec, data, file_bytes) -> dict:
     from .measure import count_macs, count_params
 
     stats = {"params": count_params(module)[0], "file_bytes": file_bytes}
     try:
-        stats["macs"] = int(count_macs(module, torch.zeros(1, *shape)))
+        stats["macs"] = int(count_macs(module, spec.example(1)))
     except Exception as exc:  # a shape the model rejects: say so before any work is done
         raise TorchslimError(
-            f"the model does not run on input shape {shape}: {oq.first_line(exc)}; "
-            "pass the right --input-shape"
+            f"the model does not run on input {spec.describe()}: {oq.first_line(exc)}; "
+            "pass the right --input-shape (or --input SHAPE:DTYPE per input)"
         ) from exc
     if data is not None:
         stats["accuracy"] = _evaluate(module, data)
@@ -180,14 +184,14 @@ def _evaluate(fn, data) -> float:
 # --- ONNX Runtime modes ---------------------------------------------------------------------
 
 
-def _quantize_onnx(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32):
+def _quantize_onnx(module, cfg, spec, data, meta, before, out, force, inputs, keep_fp32):
     with tempfile.TemporaryDirectory(prefix="torchslim-q-") as tmp:
         tmp = Path(tmp)
         notes: list[str] = []
         if cfg.mode == "qat":
             module, qat_note = _qat_finetune(module, cfg, data)
             notes.append(qat_note)
-        fp32 = oq.export_onnx(module, shape, tmp / "fp32.onnx")
+        fp32 = oq.export_onnx(module, spec, tmp / "fp32.onnx")
         src = _preprocessed(fp32, tmp, notes)
         q = tmp / "int8.onnx"
         reduce = cfg.use_reduce_range
@@ -204,7 +208,7 @@ def _quantize_onnx(module, cfg, shape, data, meta, before, out, force, inputs, k
             oq.quantize_static_onnx(src, q, calib, per_channel=cfg.per_channel,
                                     exclude=cfg.exclude, calibrate=cfg.calibrate,
                                     reduce_range=reduce)
-            notes.append(f"calibrated on {sum(len(c) for c in calib)} training samples "
+            notes.append(f"calibrated on {sum(len(c[0]) for c in calib)} training samples "
                          f"({cfg.calibrate})")
         ops = oq.summarize_ops(oq.runtime_ops(q, tmp))
         fallbacks = ops["fp32_compute"]
@@ -263,7 +267,7 @@ def _qat_finetune(module, cfg, data):
 
     handles = add_fake_quant(module)
     with torch.no_grad():  # set the activation ranges from training data, not validation
-        module.eval()(data.train.tensors[0][: cfg.calib_batch_size * cfg.calib_batches])
+        call(module.eval(), data.head(cfg.calib_batch_size * cfg.calib_batches))
     start_acc, start_state = _evaluate(module, data), copy.deepcopy(module.state_dict())
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -285,7 +289,7 @@ def _qat_finetune(module, cfg, data):
 # --- torch modes ----------------------------------------------------------------------------
 
 
-def _quantize_torch(module, cfg, shape, data, meta, before, out, force, inputs, keep_fp32):
+def _quantize_torch(module, cfg, spec, data, meta, before, out, force, inputs, keep_fp32):
     from .runtime import CastWrapper, int8_weight_only
 
     if cfg.mode == "weight-only":
@@ -329,13 +333,13 @@ def compare(
     from .io import load_model
     from .measure import measure
 
-    shape = tuple(input_shape or result.meta.input_shape)
-    kw = {"input_shape": shape, "data": data, "threads": threads, "batch_size": batch_size,
+    spec = resolve(input_shape, result.meta.input_spec())
+    kw = {"inputs": spec, "data": data, "threads": threads, "batch_size": batch_size,
           "min_run_time": min_run_time}
     module = fp32.model if isinstance(fp32, LoadedModel) else fp32
     rows = [_row(measure(fp32, name="fp32 torch eager", **kw), "fp32")]
     with tempfile.TemporaryDirectory(prefix="torchslim-cmp-") as tmp:
-        fp32_onnx = result.fp32_onnx or _export_fp32(module, shape, result, Path(tmp))
+        fp32_onnx = result.fp32_onnx or _export_fp32(module, spec, result, Path(tmp))
         rows.append(_row(measure(load_model(fp32_onnx), name="fp32 onnxruntime", **kw), "fp32"))
     quant = measure(load_model(result.path), name=f"{result.mode} {result.path.name}", **kw)
     rows.append(_row(quant, result.mode))
@@ -359,8 +363,8 @@ def _row(m, precision: str) -> dict:
     return d
 
 
-def _export_fp32(module: nn.Module, shape, result: QuantResult, tmp: Path) -> Path:
+def _export_fp32(module: nn.Module, spec, result: QuantResult, tmp: Path) -> Path:
     """fp32 ONNX of the source, with its MACs recorded so report can show them."""
-    raw = oq.export_onnx(copy.deepcopy(module).float(), shape, tmp / "raw.onnx")
+    raw = oq.export_onnx(copy.deepcopy(module).float(), spec, tmp / "raw.onnx")
     macs = result.meta.history[-1]["before"].get("macs") if result.meta.history else None
     return oq.write_metadata(raw, tmp / "fp32.onnx", {}, macs=macs)

@@ -91,12 +91,13 @@ class CastWrapper(nn.Module):
         self.storage = str(storage).removeprefix("torch.")
         self.compute = str(compute).removeprefix("torch.")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         dtype = getattr(torch, self.compute)
         first = next(self.inner.parameters(), None)
         if first is not None and first.dtype != dtype:  # decode once, on the first call
             self.inner.to(dtype)
-        return self.inner(x.to(dtype)).float()
+        xs = tuple(x.to(dtype) if x.is_floating_point() else x for x in xs)  # token ids stay
+        return self.inner(*xs).float()
 
 
 # --- QAT: fake quantization with core torch ops (not the deprecated torch.ao) ---------------

@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import register_config
 from .errors import TorchslimError, UsageError
+from .inputs import as_tuple, call
 from .lowrank import LowRankConfig, lowrank_model
 
 CONV_MODES = ("depthwise-separable", "none")
@@ -211,7 +212,8 @@ def _note_calibration(cfg, example_inputs, report) -> None:
         )
     else:
         report.notes.append(
-            f"SVD init refitted by least squares on {len(example_inputs)} calibration images "
+            f"SVD init refitted by least squares on {len(as_tuple(example_inputs)[0])} "
+            "calibration samples "
             f"({cfg.refit_rounds} alternating rounds); out_error is on those images"
         )
         if cfg.mid == "bn-act":
@@ -227,14 +229,14 @@ def _note_calibration(cfg, example_inputs, report) -> None:
 
 
 @torch.no_grad()
-def _module_input(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _module_input(model: nn.Module, module: nn.Module, inputs) -> torch.Tensor:
     """``module``'s input when ``model`` runs on ``inputs`` (eval mode, one pass)."""
     seen: list[torch.Tensor] = []
     hook = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
     was_training = model.training
     try:
         model.eval()
-        model(inputs)
+        call(model, inputs)
     finally:
         model.train(was_training)
         hook.remove()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import UsageError
+from .inputs import call
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,8 @@ def evaluate(model_or_fn, dataset: TensorDataset, batch_size: int = 256):
     correct1 = correct5 = total = 0
     num_classes = None
     device = _device_of(model_or_fn)
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = torch.as_tensor(model_or_fn(x.to(device))).float().cpu()
+    for *xs, y in DataLoader(dataset, batch_size=batch_size):
+        logits = torch.as_tensor(call(model_or_fn, [x.to(device) for x in xs])).float().cpu()
         num_classes = logits.shape[1]
         k = min(5, num_classes)
         top = logits.topk(k, dim=1).indices
@@ -230,26 +231,34 @@ def _restore(state: dict, model, opt, sched, gen, best: FitResult) -> dict:
     return {prefix + k: v for k, v in state["best_state"].items()}
 
 
+def _augmented(xs: list[torch.Tensor], cfg: TrainConfig, gen: torch.Generator):
+    """Shift (and flip) augmentation for image batches only: a single float (B, C, H, W)
+    input. Token ids, sequences and multi-input samples pass through unchanged."""
+    if not cfg.augment or len(xs) != 1 or xs[0].dim() != 4 or not xs[0].is_floating_point():
+        return xs
+    x = augment_batch(xs[0], gen)
+    if cfg.hflip:
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return [x]
+
+
 def _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, epoch) -> float:
     model.train()
     device = torch.device(cfg.device)
     running, seen = 0.0, 0
-    for step, (x, y) in enumerate(loader, 1):
-        if cfg.augment:
-            x = augment_batch(x, gen)
-            if cfg.hflip:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+    for step, (*xs, y) in enumerate(loader, 1):
+        xs = [x.to(device) for x in _augmented(xs, cfg, gen)]
+        y = y.to(device)
+        logits = call(model, xs)
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = call(teacher, xs)
             loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
         else:
             loss = F.cross_entropy(logits, y)
         if extra_loss is not None:
-            loss = loss + extra_loss(x, logits)
+            loss = loss + extra_loss(xs, logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

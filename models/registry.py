@@ -68,6 +68,11 @@ def _entry(name: str) -> ModelEntry:
     raise TorchslimError(f"unknown model {name!r}{hint}; run `torchslim models` to list them")
 
 
+def is_registered(name: str) -> bool:
+    """A registry name or one of its aliases (``pd``, ``pdlight``)."""
+    return ALIASES.get(name, name) in _MODELS
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style pattern (``"resnet*"``), sorted."""
     return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
@@ -149,6 +154,6 @@ def arch_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     full.update(kwargs)
     full["input_size"] = list(_check_size(e, full["input_size"]))
     return {
-        "name": name,
+        "name": e.name,
         "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()},
     }

@@ -80,8 +80,46 @@ def test_npz_and_pt_files(tmp_path):
         assert d.num_classes == 4 and d.input_shape == (1, 5, 5)
         assert len(d.val) == 12  # 30 % of each class's 10 images
     np.savez(tmp_path / "nox.npz", y=y)
-    with pytest.raises(TorchslimError, match="must hold arrays named 'x' and 'y'"):
+    with pytest.raises(TorchslimError, match="no inputs 'x' or 'x0'"):
         load_data(str(tmp_path / "nox.npz"))
+    np.savez(tmp_path / "noy.npz", x=x)
+    with pytest.raises(TorchslimError, match="no labels 'y'"):
+        load_data(str(tmp_path / "noy.npz"))
+    np.savez(tmp_path / "short.npz", x=x[:30], y=y)
+    with pytest.raises(TorchslimError, match="every input must have N rows"):
+        load_data(str(tmp_path / "short.npz"))
+
+
+def test_token_ids_and_several_inputs(tmp_path):
+    """Non-image data: int64 token ids stay integers, several inputs travel together,
+    and the input spec (shape with batch 1, dtype, value bound) comes from the arrays."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 500, (60, 20)).astype(np.int32)
+    extra = rng.random((60, 4)).astype(np.float64)
+    y = np.repeat(np.arange(3), 20)
+    np.savez(tmp_path / "tok.npz", x=tokens, y=y)
+    d = load_data(str(tmp_path / "tok.npz"), val_fraction=0.25)
+    assert d.train.tensors[0].dtype == torch.int64 and d.input_shape == (20,)
+    assert d.inputs.texts() == [f"1,20:int64:{int(tokens.max()) + 1}"]
+    assert not d.is_image and "samples of 1x20 int64" in d.describe()
+    np.savez(tmp_path / "two.npz", x0=rng.random((60, 1, 8, 8)).astype(np.float32),
+             x1=extra, y=y)
+    two = load_data(str(tmp_path / "two.npz"), val_fraction=0.25)
+    assert [t.shape for t in two.inputs.tensors] == [(1, 1, 8, 8), (1, 4)]
+    assert len(two.train.tensors) == 3 and two.train.tensors[1].dtype == torch.float32
+    assert len(two.val) == 15
+    with pytest.raises(UsageError, match="apply to image data"):
+        load_data(str(tmp_path / "two.npz"), size=(16, 16))
+
+
+def test_rank3_floats_are_images_unless_the_model_takes_sequences(tmp_path):
+    from torchslim.compress.inputs import InputSpec
+
+    x = np.random.default_rng(0).random((40, 16, 32)).astype(np.float32)
+    np.savez(tmp_path / "seq.npz", x=x, y=np.repeat(np.arange(4), 10))
+    assert load_data(str(tmp_path / "seq.npz")).input_shape == (1, 16, 32)
+    seq = load_data(str(tmp_path / "seq.npz"), like=InputSpec.parse(["1,16,32"]))
+    assert seq.input_shape == (16, 32) and seq.inputs.texts() == ["1,16,32:float32"]
 
 
 def test_unknown_dataset_and_class_mismatch(digits):

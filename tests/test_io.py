@@ -149,7 +149,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unsafe_class_is_refused_on_save(tmp_path):
-    with pytest.raises(TorchslimError, match="outside torchslim's safe list"):
-        save_model(UserNet(), tmp_path / "u.pt", ModelMeta())
-    assert not (tmp_path / "u.pt").exists()
+def test_user_class_is_saved_and_needs_trust_to_reload(tmp_path):
+    """A model of the user's own classes is written anyway, naming what it needs; it then
+    loads only with --trust, like the pickle it came from, and computes the same."""
+    model = UserNet().eval()
+    save_model(model, tmp_path / "u.pt", ModelMeta())
+    with pytest.raises(TorchslimError, match=r"code outside torch and torchslim \(.*UserNet"):
+        load_model(tmp_path / "u.pt")
+    loaded = load_model(tmp_path / "u.pt", trust=True)
+    assert loaded.kind == "torchslim" and loaded.meta.requires[0].endswith("UserNet")
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded.model(x), model(x))

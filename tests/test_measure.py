@@ -282,7 +282,7 @@ def test_input_shape_that_does_not_fit_is_one_clear_line():
         measure(mlp(), input_shape=(3, 32, 32), threads=1, min_run_time=TINY)
     msg = str(err.value)
     assert msg.startswith("input shape 1x3x32x32 does not fit model Sequential: ")
-    assert "pass --input-shape C,H,W" in msg and "\n" not in msg
+    assert "--input-shape C,H,W" in msg and "--input SHAPE:DTYPE" in msg and "\n" not in msg
 
 
 def test_class_mismatch_is_an_error(digits):
