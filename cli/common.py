@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
@@ -44,6 +45,7 @@ class _State:
 
 
 STATE = _State()
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 # --- shared options -------------------------------------------------------------------
 ModelArg = Annotated[
@@ -147,20 +149,23 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 fail(interrupted_message(signum), 128 + signum)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            except OSError as exc:  # disk or permissions outside an atomic write (temp dirs)
-                fail(f"{exc.strerror or exc}: {exc.filename or ''}; free space or fix the "
-                     "folder's permissions and run again", 1)
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    internal_error(exc)
+                fail(f"{exc.strerror}: {exc.filename or ''}; free space or fix the folder's "
+                     "permissions and run again", 1)  # e.g. a full /tmp under a temp dir
             except Exception as exc:  # a bug: say so in one line, traceback with --verbose
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                fail(
-                    f"internal error: {type(exc).__name__}: {first} (rerun with --verbose "
-                    "for the traceback and report it)",
-                    1,
-                )
+                internal_error(exc)
 
         return app.command(name, **kwargs)(wrapper)
 
     return deco
+
+
+def internal_error(exc: BaseException):
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    fail(f"internal error: {type(exc).__name__}: {first} (rerun with --verbose for the "
+         "traceback and report it)", 1)
 
 
 class Interrupted(KeyboardInterrupt):
