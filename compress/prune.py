@@ -316,10 +316,11 @@ def build_pruner(model, example, cfg: PruneConfig, plan: _Plan, ratio: float, ra
             iterative_steps=cfg.steps,
             round_to=cfg.round_to,
             ignored_layers=list(plan.ignored),
-            # Prune the embedding in whole-head units so every head keeps the same width;
-            # passed as channel groups, not num_heads, which would skip the embedding group.
+            # nn.MultiheadAttention: its embedding in whole-head units so every head keeps
+            # the same width; as channel groups, not num_heads, which would skip that group.
+            # User-written attention: q/k/v as num_heads (each head loses the same dims) and
+            # the output projection in per-head groups, so heads x head_dim == embedding.
             out_channel_groups={**plan.num_heads, **proj_groups},
-            # user-written attention: every head loses the same dims (prune_head_dims)
             num_heads=num_heads,
         )
 

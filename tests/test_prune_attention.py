@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 from zoo.vit import (
     Attention,
     FixedShapeAttention,
@@ -19,6 +20,7 @@ from zoo.vit import (
     ViT,
 )
 
+from torchslim.cli.app import app
 from torchslim.compress.errors import TorchslimError
 from torchslim.compress.prune import PruneConfig, count_macs, prune_model
 from torchslim.compress.prune_attention import PruneShapeError, check_forward
@@ -255,6 +257,19 @@ def test_a_failure_no_layer_explains_is_refused_before_any_work():
     cfg = PruneConfig(ratio=0.3, ignore=("patch_embed.proj",))
     pruned, rep = prune_model(WidthCheckedViT().eval(), cfg, X8)
     assert rep.after["params"] == vit_params(32, 44)
+
+
+def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path):
+    src = tmp_path / "vit.pt"
+    torch.save(WidthCheckedViT().eval(), src)  # a user's full pickle
+    out = tmp_path / "p.pt"
+    res = CliRunner().invoke(app, ["prune", str(src), "--trust", "--ratio", "0.3",
+                                   "--input-shape", "1,8,8", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "cannot prune this model: the model's forward (WidthCheckedViT)" in res.stderr
+    assert "--ignore the layers that feed it" in res.stderr
+    assert "Traceback" not in res.output and "internal error" not in res.output
+    assert not out.exists()
 
 
 # --- real data: pruned, then fine-tuned ----------------------------------------------------
