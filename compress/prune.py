@@ -210,7 +210,8 @@ def make_plan(model: nn.Module, example: torch.Tensor, ignore=(), cfg=None) -> _
     tied = attention.coupled_roots(model, example, ignored)
     if tied:
         ignored.extend(resolve_layers(model, tied))
-        notes.append(f"kept {', '.join(tied)} whole: their channels are the input's")
+        notes.append(f"kept {', '.join(tied)} whole: coupled to the model's input, whose "
+                     "width is fixed")
     plan = _Plan(ignored, num_heads, notes, attention.find_attention(model, example),
                  _output_shape(model, example))
     attention.keep_forward_working(model, example, plan.ignored, plan.notes,
@@ -308,7 +309,7 @@ def build_pruner(model, example, cfg: PruneConfig, plan: _Plan, ratio: float, ra
         warnings.simplefilter("ignore")
         return _RoundingPruner(
             model.eval(),
-            attention.as_inputs(example),
+            example,
             importance=make_importance(cfg.importance),
             global_pruning=cfg.global_pruning,
             pruning_ratio=ratio,

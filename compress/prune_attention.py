@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import TorchslimError
+from .inputs import as_tuple, call
 
 # Attribute names attention code uses for its head count, per-head width and total width
 # (timm, Hugging Face, nanoGPT/minGPT, lucidrains). nn.MultiheadAttention is pruned by
@@ -41,11 +42,6 @@ HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "heads", "num_attention_he
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "dim_head")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim")
 MAX_FIX_ROUNDS = 8  # distinct failing module classes the plan will work around
-
-
-def as_inputs(example) -> tuple:
-    """The model's positional inputs: a tensor or a tuple of tensors."""
-    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
 # --- attention modules ------------------------------------------------------------------
@@ -86,7 +82,7 @@ def _linear_calls(model: nn.Module, example) -> list[tuple[nn.Linear, torch.Tens
              for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
-            model.eval()(*as_inputs(example))
+            call(model.eval(), example)
     finally:
         for h in hooks:
             h.remove()
@@ -160,7 +156,7 @@ def _input_params(example) -> list[tuple[nn.Parameter, int]]:
     """Float inputs as leaf parameters, so the dependency graph gets a node for each; the
     channel dim is 1 for images (B, C, H, W) and the last one for (B, N, F) sequences."""
     out = []
-    for x in as_inputs(example):
+    for x in as_tuple(example):
         if torch.is_tensor(x) and x.is_floating_point() and x.dim() >= 2:
             dim = 1 if x.dim() >= 4 else x.dim() - 1
             out.append((nn.Parameter(x.detach().clone()), dim))
@@ -277,7 +273,7 @@ def _locate(model: nn.Module, example) -> tuple[str, str, list[str], list[str]]:
     mode, result = _FailedCall(), None
     try:
         with torch.enable_grad(), mode:
-            result = model.eval()(*as_inputs(example))
+            result = call(model.eval(), example)
     except Exception:  # the failure being located
         pass
     finally:
@@ -296,7 +292,7 @@ def check_forward(model: nn.Module, example, out_shape: tuple | None) -> None:
     """Raise PruneShapeError unless the (pruned) model runs and keeps ``out_shape``."""
     try:
         with torch.no_grad():
-            out = model.eval()(*as_inputs(example))
+            out = call(model.eval(), example)
     except Exception as exc:  # whatever the user's forward raises on the new widths
         cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise _shape_error(model, example, cause) from exc
