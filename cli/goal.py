@@ -64,6 +64,20 @@ def goal_config(o: dict) -> SearchConfig:
         trials=o["trials"], strategy=o["strategy"], seed=o["seed"], **bounds)
 
 
+def goal_options(model: Path, output: Path, data: str, **kw) -> dict:
+    """compress's options with their defaults, for callers other than compress (demo)."""
+    o = dict(model=model, output=output, data=data, swap=False, act=None, lowrank=None,
+             prune=None, target_macs=None, distill=False, epochs=15, quantize=None,
+             recipe=None, dump_recipe_to=None, image_size=None, channels=None,
+             input_shape=None, threads=None, min_time=None, seed=0, trust=False, arch=None,
+             num_classes=None, force=False, max_acc_drop=0.5, objective="size",
+             target_size=None, target_size_kb=None, target_latency_ms=None,
+             target_speedup=None, time_budget=None, trials=None, workdir=None,
+             dry_run=False, strategy="staged")
+    o.update(kw)
+    return o
+
+
 def pareto_paths(output: Path) -> tuple[Path, Path]:
     stem = output.with_suffix("")
     return stem.with_suffix(".pareto.json"), stem.with_suffix(".pareto.png")
@@ -219,7 +233,8 @@ def _show(result, cfg: SearchConfig) -> None:
     for r in rows:
         fronts = "+".join(m for m in ("size", "latency") if r["key"] in result.fronts[m])
         chosen = result.chosen is not None and r["key"] == result.chosen["key"]
-        t.add_row(*_row(r, base, "test"), ("chosen " if chosen else "") + fronts,
+        mark = "chosen " if result.status != "infeasible" else "closest "
+        t.add_row(*_row(r, base, "test"), (mark if chosen else "") + fronts,
                   style="bold" if chosen else None)
     out.print(t)
     show_diagnosis((result.chosen or {}).get("int8_diagnosis"))

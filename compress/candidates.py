@@ -333,8 +333,8 @@ def _with_time_check(callbacks, check: Callable[[], None]):
 
 
 def read_records(path: Path) -> dict[str, dict]:
-    """Candidates measured by an earlier run (one JSON object per line; a line cut short
-    by an interruption is ignored)."""
+    """Candidates measured by an earlier run (one JSON object per line, artifacts relative
+    to the work folder; a line cut short by an interruption is ignored)."""
     out: dict[str, dict] = {}
     if not path.exists():
         return out
@@ -343,7 +343,8 @@ def read_records(path: Path) -> dict[str, dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and "key" in rec and Path(rec.get("artifact", "")).exists():
+        artifact = path.parent / str(rec.get("artifact", "")) if isinstance(rec, dict) else None
+        if artifact is not None and "key" in rec and artifact.is_file():
             out[rec["key"]] = rec
     return out
 

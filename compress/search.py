@@ -321,6 +321,10 @@ def _bisect_largest(grid: list[float], ok: Callable[[float], bool]) -> int:
 def staged(s: Session, swaps, precisions) -> None:
     cfg, grid = s.cfg, s.cfg.grid()
     rank_prec = "int8" if "int8" in precisions else precisions[-1]
+    if "none" in swaps:  # (0) no training: seconds, and an answer exists early on
+        for p in dict.fromkeys([rank_prec, "fp32"]):
+            if p in precisions:
+                s.evaluate(Spec("none", 0.0, 0, p))
     limits = {}
     for swap in swaps:  # (1) rank: how far can each architecture be pruned?
         def promising(r, swap=swap):
@@ -371,8 +375,11 @@ def _proxy(s: Session, swap: str, r: float) -> float:
 
 def optuna_search(s: Session, swaps, precisions) -> None:
     """Optuna's multi-objective TPE over the same space (full fine-tunes, no ranking)."""
-    import optuna
-
+    try:
+        import optuna
+    except ImportError:
+        raise TorchslimError("--strategy optuna needs Optuna: pip install "
+                             "'torchslim[search]' (or use the default staged strategy)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = s.cfg
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True,
