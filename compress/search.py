@@ -325,7 +325,8 @@ def search(cfg: SearchConfig, ctx: Context, baseline: dict, *, on_record=None,
     except Stop as exc:
         stopped = str(exc)
     result = conclude(s.records, baseline, cfg, stopped, s.elapsed())
-    _diagnose_chosen(s, result.chosen)
+    if stopped is None or "time budget" not in stopped:  # the budget is spent: no extra work
+        _diagnose_chosen(s, result.chosen)
     return result
 
 
