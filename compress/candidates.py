@@ -278,7 +278,7 @@ class Builder:
             save_model(model, out, meta, force=True)
         return out, configs, extra
 
-    def measure(self, spec: Spec, path: Path, configs: list, seconds: float) -> dict:
+    def measure(self, spec: Spec, path: Path, configs: list) -> dict:
         """The candidate's record: measured on its artifact file, scored on val and test."""
         self.ctx.say(f"measuring {spec.key}")
         loaded = load_model(path)
@@ -292,7 +292,7 @@ class Builder:
             "latency_ms_median": m.latency_ms_median, "latency_ms_p90": m.latency_ms_p90,
             "runtime": m.runtime, "val_accuracy": m.accuracy,
             "test_accuracy": test_accuracy(path, self.ctx.data),
-            "seconds": round(seconds + 0.0, 2), "artifact": str(path),
+            "artifact": str(path),
         }
 
 

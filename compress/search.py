@@ -266,7 +266,7 @@ class Session:
         self.affordable((spec.epochs if untrained and spec.changes_architecture else 0) + extra)
         t0 = time.perf_counter()
         path, configs, extra = self.builder.build(spec)
-        rec = {**self.builder.measure(spec, path, configs, 0.0), **extra}
+        rec = {**self.builder.measure(spec, path, configs), **extra}
         rec["artifact"] = str(path.relative_to(self.ctx.workdir))
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         append_record(self.path, rec)

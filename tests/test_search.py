@@ -94,7 +94,7 @@ def test_qdiag_measures_layers_and_keeping_the_worst_in_fp32(trained_tiny, digit
 
 def test_resume_skips_measured_candidates(trained_tiny, split, tmp_path):
     cfg = SearchConfig(max_acc_drop=100.0, swaps=("none",), precisions=("fp32",),
-                       max_prune=0.4, prune_step=0.2, rank_epochs=1, final_epochs=1,
+                       max_prune=0.2, prune_step=0.2, rank_epochs=1, final_epochs=1,
                        trials=1)
     ctx, base = _ctx(trained_tiny, split, tmp_path / "wd")
     seen: list[tuple[str, bool]] = []
@@ -106,7 +106,7 @@ def test_resume_skips_measured_candidates(trained_tiny, split, tmp_path):
     cfg = SearchConfig(**{**cfg.__dict__, "trials": None})
     second = search(cfg, ctx2, base, on_record=lambda r, resumed: seen.append((r["key"],
                                                                               resumed)))
-    assert second.stopped is None and len(second.records) == 2
+    assert second.stopped is None and len(second.records) == 2  # input, then pruned 0.2
     resumed = [k for k, r in seen if r]
     assert resumed == [r["key"] for r in first.records]  # measured before: not measured again
     lines = (tmp_path / "wd" / "candidates.jsonl").read_text().splitlines()
