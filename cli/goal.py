@@ -108,6 +108,8 @@ def run_goal(o: dict) -> None:
     stderr_console.print(f"[dim]{split.describe()} (validation chooses, test reports; both "
                          "held out from training)[/]")
     space = None
+    if o["recipe"] is not None and any(o[k] for k in ("swap", "act", "prune", "quantize")):
+        raise UsageError("give steps either as flags or as --recipe, not both")
     if o["recipe"] is not None:
         from ..compress.recipe import load_recipe
 
