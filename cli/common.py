@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
+import signal
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +29,7 @@ from rich.progress import (
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
-from ..compress.io import LoadedModel, LoadOptions
+from ..compress.io import WRITTEN, LoadedModel, LoadOptions
 from ..compress.train import Callbacks, EpochStats
 
 stderr_console = Console(stderr=True)
@@ -37,9 +40,12 @@ stdout_console = Console() if Console().is_terminal else Console(width=180)
 @dataclass
 class _State:
     verbose: bool = os.environ.get("TORCHSLIM_VERBOSE", "") not in ("", "0")
+    # What an interrupted run can continue from (distill's checkpoint), set once it exists.
+    resume_hint: str | None = None
 
 
 STATE = _State()
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 # --- shared options -------------------------------------------------------------------
 ModelArg = Annotated[
@@ -131,25 +137,78 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kw):
+            STATE.resume_hint = None
+            WRITTEN.clear()
             try:
-                return fn(*args, **kw)
+                with signals_raise():
+                    return fn(*args, **kw)
             except TorchslimError as exc:
                 fail(str(exc), exc.exit_code)
-            except KeyboardInterrupt:
-                fail("interrupted; no output was written", 130)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through signals_raise
+                signum = getattr(exc, "signum", signal.SIGINT)
+                fail(interrupted_message(signum), 128 + signum)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    internal_error(exc)
+                fail(f"{exc.strerror}: {exc.filename or ''}; free space or fix the folder's "
+                     "permissions and run again", 1)  # e.g. a full /tmp under a temp dir
             except Exception as exc:  # a bug: say so in one line, traceback with --verbose
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                fail(
-                    f"internal error: {type(exc).__name__}: {first} (rerun with --verbose "
-                    "for the traceback and report it)",
-                    1,
-                )
+                internal_error(exc)
 
         return app.command(name, **kwargs)(wrapper)
 
     return deco
+
+
+def internal_error(exc: BaseException):
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    fail(f"internal error: {type(exc).__name__}: {first} (rerun with --verbose for the "
+         "traceback and report it)", 1)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) as an exception, so ``with`` and ``finally`` remove temp files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while a command
+    runs; after the first, both are ignored so the clean-up they trigger can finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
+    def handler(signum, frame):
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def note_resumable(hint: str) -> None:
+    """Tell an interrupted run's message how to continue (e.g. distill's --resume)."""
+    STATE.resume_hint = hint
+
+
+def interrupted_message(signum: int) -> str:
+    kept = [str(p) for p in dict.fromkeys(WRITTEN) if p.exists()]
+    what = f"kept {', '.join(kept)}" if kept else "no output was written"
+    then = STATE.resume_hint or "run the command again to start over"
+    return (f"interrupted by {signal.Signals(signum).name}: {what}, temporary files were "
+            f"removed; {then}")
 
 
 def fail(message: str, code: int = 1):

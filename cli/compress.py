@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +51,12 @@ EPILOG = (
     "  torchslim compress pd.pt -o out.onnx --data digits --recipe slim.toml\n\n"
     "  torchslim compress model.pt --trust --data mine.npz --swap --prune 0.4 --distill "
     "-o small.onnx   (your own class; .onnx/.pt2 need no Python code to load)\n\n"
-    "Steps run swap -> prune -> distill -> quantize, whatever the flag order."
+    "Steps run swap -> prune -> distill -> quantize, whatever the flag order.\n\n"
+    "Say the goal instead (search, Pareto front, exit 1 if it cannot be met):\n\n"
+    "  torchslim compress pd.pt -o pd-slim.onnx --data digits --max-acc-drop 0.5 "
+    "--objective size --time-budget 15m --workdir search-pd\n\n"
+    "With --max-acc-drop, method flags bound the search (--prune R: at most R; --quantize "
+    "static: fp32 or int8) and --recipe measures exactly that recipe against the goal."
 )
 
 
@@ -83,6 +90,15 @@ class _LiveTable:
     def step(self, outcome) -> None:
         self.rows.append(outcome.record)
         self.live.update(rich_table(self.rows, title="torchslim compress"), refresh=True)
+
+    @contextmanager
+    def shown(self) -> Iterator[None]:
+        try:
+            with self.live:
+                yield
+        finally:
+            if not stderr_console.is_terminal:  # rich ends a piped Live mid-line
+                stderr_console.line()
 
     def stage(self, text: str) -> None:
         stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
@@ -142,9 +158,37 @@ def register(app: typer.Typer) -> None:
         min_time: Annotated[float | None, typer.Option(help="Seconds of timing per batch.")] = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
+        max_acc_drop: Annotated[float | None, typer.Option(
+            help="Goal: lose at most this many top-1 points (held-out test); searches "
+                 "swap x prune x distill x precision for the best model within it.")] = None,
+        objective: Annotated[str, typer.Option(
+            help="With --max-acc-drop: minimise size | latency | macs.")] = "size",
+        target_size: Annotated[str | None, typer.Option(
+            help="With --max-acc-drop: file at most this fraction of the input (1/20).")] = None,
+        target_size_kb: Annotated[float | None, typer.Option(
+            help="With --max-acc-drop: file at most this many KB.")] = None,
+        target_latency_ms: Annotated[float | None, typer.Option(
+            help="With --max-acc-drop: batch-1 latency at most this (ms).")] = None,
+        target_speedup: Annotated[float | None, typer.Option(
+            help="With --max-acc-drop: at least this much faster than the input.")] = None,
+        time_budget: Annotated[str | None, typer.Option(
+            help="Search time budget, e.g. 15m; the best so far is kept.")] = None,
+        trials: Annotated[int | None, typer.Option(
+            help="Stop after this many candidates are measured.")] = None,
+        workdir: Annotated[Path | None, typer.Option(
+            help="Keep candidates here; rerunning with it resumes the search.")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Print the search space and a time estimate, then stop.")] = False,
+        strategy: Annotated[str, typer.Option(
+            help="Search strategy: staged (default) or optuna (needs optuna).")] = "staged",
         load: LoadOptions = None,
     ) -> None:
         """Compress MODEL in one pipeline and report every step side by side."""
+        if max_acc_drop is not None:
+            from .goal import run_goal
+
+            run_goal(dict(locals()))
+            return
         flagged = flags_to_configs(
             swap=swap, act=act, lowrank=lowrank, prune=prune, target_macs=target_macs,
             importance=importance, round_to=round_to, distill=distill, epochs=epochs, lr=lr,
@@ -171,7 +215,7 @@ def register(app: typer.Typer) -> None:
             dump_recipe(configs, dump_recipe_to, force=force)
         table = _LiveTable()
         hooks = Hooks(stage=table.stage, step=table.step, training=fit_progress)
-        with table.live:
+        with table.shown():
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
                                   min_run_time=min_time, force=force, hooks=hooks,
                                   inputs=load.inputs)

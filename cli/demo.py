@@ -69,6 +69,10 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int, typer.Option(help="Training epochs for each model.")] = 12,
         threads: ThreadsOpt = None,
         fmt: FormatOpt = "table",
+        search: Annotated[str | None, typer.Option(
+            help="Also run the goal search (--max-acc-drop 0.5, smallest file) on the same "
+                 "PDModel within this time budget (e.g. 15m) and show its front after the "
+                 "hand recipe's table.")] = None,
     ) -> None:
         """Train the seed's PDModel on digits at 1x60x120, compress it in one pipeline, and
         compare with the seed's hand-made PDLightModel."""
@@ -76,9 +80,23 @@ def register(app: typer.Typer) -> None:
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="torchslim-demo-") as tmp:
                 _run(Path(tmp), epochs, threads, fmt)
+                _search(Path(tmp), search, threads)
         else:
             workdir.mkdir(parents=True, exist_ok=True)
             _run(workdir, epochs, threads, fmt)
+            _search(workdir, search, threads)
+
+
+def _search(workdir: Path, budget: str | None, threads: int | None) -> None:
+    """The same job said as a goal: the search beside the hand-written recipe."""
+    if budget is None:
+        return
+    from .goal import goal_options, run_goal
+
+    stderr_console.print(f"[bold]search[/] --max-acc-drop 0.5 --objective size, {budget}")
+    out = workdir / "pd_search.onnx"
+    run_goal(goal_options(workdir / "pd_model.pt", out, "digits", time_budget=budget,
+                          threads=threads, workdir=workdir / "search", force=True))
 
 
 def _train(arch: str, data, epochs: int, path: Path, title: str) -> Path:

@@ -30,6 +30,7 @@ from ..compress.io import (
     save_model,
 )
 from ..compress.measure import measure
+from ..compress.safeload import load_checked
 from ..compress.train import Callbacks
 from ..models.registry import arch_spec, create_model, is_registered
 from .common import (
@@ -43,6 +44,7 @@ from .common import (
     fit_progress,
     input_spec,
     model_options,
+    note_resumable,
     open_data,
     open_model,
     stderr_console,
@@ -87,7 +89,7 @@ def _load_resume(path: Path | None) -> dict | None:
     if not path.is_file():
         raise TorchslimError(f"--resume {path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checked(path)  # tensors and containers only, sizes checked
     except Exception:  # corrupt, truncated, or a pickle of objects: not ours either way
         state = None
     if not isinstance(state, dict) or "epoch" not in state or "optimizer" not in state:
@@ -106,6 +108,8 @@ def _callbacks(d: Dist, ckpt: Path, stack) -> Callbacks:
 
     def on_checkpoint(state: dict) -> None:
         atomic_write(ckpt, lambda tmp: torch.save(state, tmp), force=True)
+        note_resumable(f"the checkpoint after epoch {state['epoch']} is {ckpt}: rerun with "
+                       f"--resume {ckpt} to continue")
 
     return Callbacks(cb.on_start, cb.on_step, cb.on_epoch, on_checkpoint)
 

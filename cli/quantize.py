@@ -28,6 +28,7 @@ from .common import (
     check_format,
     command,
     example_inputs,
+    input_spec,
     model_options,
     open_data,
     open_model,
@@ -135,6 +136,11 @@ def register(app: typer.Typer) -> None:
         channels: ChannelsOpt = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
+        diagnose: Annotated[bool, typer.Option(
+            "--diagnose", help="static: print each layer's int8 error against fp32 (SQNR, "
+            "relative error, noise the layer adds).")] = False,
+        keep_fp32: Annotated[int, typer.Option(
+            help="static: keep the N layers that add the most int8 noise in fp32.")] = 0,
         load: LoadOptions = None,
     ) -> None:
         """Quantize a model to int8 / fp16 / bf16 and compare it with fp32 on every runtime."""
@@ -153,6 +159,8 @@ def register(app: typer.Typer) -> None:
         if data:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               like=loaded)
+        if diagnose or keep_fp32:
+            cfg = _diagnosed(cfg, loaded, split, keep_fp32)
         with tempfile.TemporaryDirectory(prefix="torchslim-quantize-") as tmp:
             keep = Path(tmp) / "fp32.onnx" if compare_runtimes and cfg.suffix == ".onnx" else None
             with stderr_console.status(f"quantizing ({cfg.mode}, {cfg.runtime})..."):
@@ -166,6 +174,29 @@ def register(app: typer.Typer) -> None:
                                    batch_size=batch_size)
                 _render(rows, fmt)
         _summary(res, fmt, compare_runtimes)
+
+
+def _diagnosed(cfg: QuantizeConfig, loaded, split, keep: int) -> QuantizeConfig:
+    """Per-layer int8 error (printed), and the ``keep`` noisiest layers added to exclude."""
+    import dataclasses
+
+    from ..compress import onnx_quant as oq
+    from ..compress import qdiag
+    from ..compress.errors import UsageError
+    from ..compress.io import require_module
+    from .goal import show_diagnosis
+
+    if cfg.mode != "static" or split is None:
+        raise UsageError("--diagnose and --keep-fp32 need --mode static and --data")
+    module = require_module(loaded, "quantize")
+    calib = oq.calibration_batches(split.train, cfg.calib_batches, cfg.calib_batch_size,
+                                   cfg.seed)
+    with stderr_console.status("measuring each layer's int8 error..."):
+        diag = qdiag.diagnose(module, input_spec(loaded, split), calib, per_channel=cfg.per_channel,
+                              reduce_range=cfg.use_reduce_range, calibrate=cfg.calibrate)
+    worst = diag.worst(keep)
+    show_diagnosis({**diag.to_dict(), "kept_fp32": worst})
+    return dataclasses.replace(cfg, exclude=tuple(dict.fromkeys([*cfg.exclude, *worst])))
 
 
 def _check_data(loaded, split) -> None:

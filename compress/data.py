@@ -18,10 +18,13 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .errors import TorchslimError, UsageError
+from .filecheck import check_npz
 from .inputs import InputSpec
+from .safeload import AlteredFile, load_checked
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("digits",)
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 
 
 @dataclass
@@ -197,13 +200,18 @@ TENSOR_FILE_HINT = ("hold the inputs as 'x' (or 'x0', 'x1', ... for a model with
 def _tensor_file(path: Path, like: InputSpec | None = None):
     try:
         if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: torch.from_numpy(f[k]) for k in f.files}
+            with open(path, "rb") as fh:
+                check_npz(fh, path.stat().st_size)  # sizes first: no deflate bomb
+                fh.seek(0)
+                with np.load(fh, allow_pickle=False) as f:
+                    arrays = {k: torch.from_numpy(f[k]) for k in f.files}
         else:
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            d = load_checked(path)  # tensors and containers only, sizes checked
             if not isinstance(d, dict):
                 raise TorchslimError(f"{path} holds a {type(d).__name__}; {TENSOR_FILE_HINT}")
             arrays = {k: torch.as_tensor(v) for k, v in d.items()}
+    except AlteredFile as exc:
+        raise TorchslimError(f"cannot read data file {path}: {exc}") from exc
     except TorchslimError:
         raise
     except Exception as exc:  # numpy/torch raise many types for bad files
@@ -235,6 +243,9 @@ def _check_tensors(xs: list[torch.Tensor], y: torch.Tensor, path: Path, like=Non
         raise TorchslimError(f"{path} holds no samples")
     xs = [_as_model_input(x, i, like) for i, x in enumerate(xs)]
     num_classes = int(y.max()) + 1
+    if num_classes > MAX_CLASSES:  # the class list is built in memory: a file must not size it
+        raise TorchslimError(f"{path}: y holds class index {num_classes - 1}; labels must be "
+                             f"0..C-1 with C at most {MAX_CLASSES}")
     return xs, y.long(), [str(i) for i in range(num_classes)]
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import inspect
+import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -28,10 +31,14 @@ from torch import nn
 
 from .. import __version__
 from .errors import TorchslimError, UsageError
+from .filecheck import check_onnx
 from .inputs import InputSpec
+from .safeload import ALTERED, AlteredFile, NeedsTrust, UnreadableFile, is_zip, load_checked
 
 FORMAT = "torchslim"
 TRUST_ENV = "TORCHSLIM_TRUST"
+# Outputs finished in this process, oldest first: an interrupted command says what it kept.
+WRITTEN: list[Path] = []
 TRUST_HINT = (
     "loading a pickle can run arbitrary code; pass --trust (or set TORCHSLIM_TRUST=1) "
     "only if you trust the file's source"
@@ -196,9 +203,8 @@ def load_model(
         from .artifact import load_exported
 
         return load_exported(path, size, trust)
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
-        model = torch.jit.load(str(path), map_location="cpu")
-        return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
+    if is_zip(path) and _is_torchscript(path):
+        return _load_torchscript(path, size, trust)
     ctx = _Ctx(trust, arch, num_classes, in_channels, input_size, tuple(code_paths))
     return _load_pickle_family(path, size, ctx)
 
@@ -216,21 +222,44 @@ class _Ctx:
 
 
 def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except Exception:  # a broken zip: the pickle path's checks say what is wrong with it
+        return False
+
+
+def _load_torchscript(path: Path, size: int, trust: bool) -> LoadedModel:
+    """TorchScript is code: its scripted methods run at load (``__setstate__``) and on every
+    call, so like a pickle it loads only with --trust."""
+    if not trusted(trust):
+        raise TorchslimError(f"{path} is TorchScript, which runs the code inside it; "
+                             f"{TRUST_HINT}")
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # the C++ reader raises RuntimeError, UnicodeDecodeError, ...
+        raise TorchslimError(f"{path} is not a readable TorchScript file "
+                             f"({_first_line(exc)}); re-export it") from exc
+    return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
 
 
 def _load_onnx(path: Path, size: int) -> LoadedModel:
-    import json
-
     import onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends
         raise TorchslimError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from exc
+    try:
+        check_onnx(proto, path.parent)
+    except AlteredFile as exc:
+        raise TorchslimError(f"{path} {ALTERED} ({exc})") from exc
     props = {p.key: p.value for p in proto.metadata_props}
-    meta = ModelMeta.from_dict(json.loads(props["torchslim"])) if "torchslim" in props else None
+    try:
+        meta = _meta_of({"meta": json.loads(props["torchslim"])}, path) \
+            if "torchslim" in props else None
+    except ValueError as exc:  # not JSON
+        raise TorchslimError(f"{path} {ALTERED} (its metadata is malformed)") from exc
     return LoadedModel(None, "onnx", path, meta or ModelMeta(), size)
 
 
@@ -240,14 +269,30 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _safe_load(path: Path) -> Any:
+    """Unpickle without running code: safeload checks the opcodes first (no constructor the
+    file chooses, storages no bigger than the file), then torch loads with weights_only."""
     _import_torchslim_models()
-    with torch.serialization.safe_globals(safe_classes()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checked(path, safe_classes())
+
+
+def refusal(path: Path, exc: AlteredFile) -> str:
+    """The one line for a file the opcode check refused."""
+    if isinstance(exc, UnreadableFile):
+        return f"{path} is not a readable PyTorch file ({exc}); re-save the model"
+    return f"{path} {ALTERED} ({exc})"
 
 
 def _load_pickle_family(path: Path, size: int, ctx: _Ctx) -> LoadedModel:
     try:
         obj = _safe_load(path)
+    except NeedsTrust as exc:
+        if not trusted(ctx.trust):
+            raise TorchslimError(_needs_trust(path)) from exc
+        obj = _trusted_load(path, ctx.code_paths)
+    except AlteredFile as exc:
+        if not trusted(ctx.trust):
+            raise TorchslimError(refusal(path, exc)) from exc
+        obj = _trusted_load(path, ctx.code_paths)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # not a pickled class: a broken file
             msg = f"{path} is not a readable PyTorch file (not a pickle torch can read)"
@@ -287,8 +332,10 @@ def _trusted_load(path: Path, code_paths=()) -> Any:
 
 def _interpret(obj, path: Path, size: int, ctx: _Ctx) -> LoadedModel:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        meta = ModelMeta.from_dict(obj.get("meta"))
-        return LoadedModel(obj["model"].eval(), "torchslim", path, meta, size)
+        meta, model = _meta_of(obj, path), obj.get("model")
+        if not isinstance(model, nn.Module):
+            raise TorchslimError(f"{path} {ALTERED} (its model is a {type(model).__name__})")
+        return LoadedModel(model.eval(), "torchslim", path, meta, size)
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", path, ModelMeta(), size)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -298,6 +345,15 @@ def _interpret(obj, path: Path, size: int, ctx: _Ctx) -> LoadedModel:
         f"{path} holds a {type(obj).__name__}, not a model; save the nn.Module, its "
         "state_dict, or a TorchScript/ONNX export"
     )
+
+
+def _meta_of(obj: dict, path: Path) -> ModelMeta:
+    try:
+        meta = ModelMeta.from_dict(obj.get("meta"))
+        json.dumps(meta.to_dict())  # reports print it: plain JSON data or refuse now
+        return meta
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise TorchslimError(f"{path} {ALTERED} (its metadata is malformed)") from exc
 
 
 def _from_state_dict(state, path, ctx: _Ctx):
@@ -409,7 +465,10 @@ def atomic_write(
 ) -> Path:
     """Call ``write(tmp)`` then rename onto ``path``, so a crash never leaves half a file."""
     path = check_output(path, force=force, inputs=inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -417,10 +476,42 @@ def atomic_write(
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        if "write" not in str(exc).lower() and not _disk_full(path.parent):
+            raise
+        raise write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    WRITTEN.append(path)
     return path
+
+
+def write_error(path: Path, exc: BaseException) -> TorchslimError:
+    """One line for a write that failed: full disk, read-only folder, no permission."""
+    folder = Path(path).parent
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and _disk_full(folder)):
+        why = f"the disk holding {folder} is full; free some space"
+    elif code == errno.EROFS:
+        why = f"{folder} is on a read-only file system"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = f"no permission to write in {folder}"
+    else:
+        why = _first_line(exc)
+    return TorchslimError(f"could not write {path}: {why}; nothing was written there, choose "
+                          "another -o folder or fix this one")
+
+
+def _disk_full(folder: Path) -> bool:
+    """Under 1 MiB free: torch.save's errors on a full disk do not say so (``unexpected
+    pos``), so this tells a full disk from a bug."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def save_model(
@@ -457,7 +548,7 @@ def _check_reloads(tmp: Path, user_code: bool) -> None:
             torch.load(tmp, map_location="cpu", weights_only=False)
         else:
             _safe_load(tmp)
-    except pickle.UnpicklingError as exc:
+    except (pickle.UnpicklingError, AlteredFile, NeedsTrust) as exc:
         raise TorchslimError(
             f"model holds objects torchslim cannot reload safely ({_first_line(exc)}); "
             "save it with torch.save and load it with --trust"

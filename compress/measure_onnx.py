@@ -152,7 +152,10 @@ def _load_onnx_proto(path: Path):
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
+    from .filecheck import check_onnx
+
     proto = onnx.load(str(path), load_external_data=False)
+    check_onnx(proto, path.parent)  # no data outside its folder, none it does not hold
     external = {path.parent / e.value for t in proto.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL
                 for e in t.external_data if e.key == "location"}

@@ -22,7 +22,15 @@ from .config import config_to_dict
 from .distill import distill
 from .errors import TorchslimError, UsageError
 from .inputs import InputSpec, resolve
-from .io import LoadedModel, check_output, history_entry, load_model, save_model
+from .io import (
+    WRITTEN,
+    LoadedModel,
+    check_output,
+    history_entry,
+    load_model,
+    save_model,
+    write_error,
+)
 from .lowrank import lowrank_model
 from .measure import measure
 from .prune import prune_model
@@ -155,14 +163,20 @@ def run_pipeline(
     if fp32_out is not None:
         check_output(fp32_out, force=force, inputs=[loaded.path])
     run = _Run(loaded, data, threads, min_run_time, hooks, inputs)
-    with tempfile.TemporaryDirectory(prefix=".torchslim-", dir=output.parent) as tmp:
+    try:  # in the output's folder, so the final rename is atomic; removed on any exit
+        workdir = tempfile.TemporaryDirectory(prefix=".torchslim-", dir=output.parent)
+    except OSError as exc:
+        raise write_error(output, exc) from exc
+    with workdir as tmp:
         run.tmp = Path(tmp)
         run.measure_input()
         for i, cfg in enumerate(configs, 1):
             run.apply(i, cfg)
         run.finish(output, quantized)
+        WRITTEN.append(output)
         if fp32_out is not None and run.last_pt is not None:
             os.replace(run.last_pt, fp32_out)
+            WRITTEN.append(fp32_out)
     return PipelineResult(run.steps, output, fp32_out, warnings, run.baselines)
 
 

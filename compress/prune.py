@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from . import measure
+from . import prune_attention as attention
 from .config import register_config
 from .errors import TorchslimError
 from .inputs import as_tuple, call
@@ -165,6 +166,8 @@ class _Plan:
     ignored: list[Any]  # modules and parameters torch-pruning must not touch
     num_heads: dict[nn.Module, int]
     notes: list[str]
+    attention: list[attention.AttentionSite] = field(default_factory=list)  # user-written
+    out_shape: tuple | None = None  # the unpruned model's output shape
 
 
 def _own_params(m: nn.Module) -> bool:
@@ -186,9 +189,10 @@ def _unsupported_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def make_plan(model: nn.Module, example: torch.Tensor, ignore=()) -> _Plan:
+def make_plan(model: nn.Module, example: torch.Tensor, ignore=(), cfg=None) -> _Plan:
     """Decide what is ignored: the classifier, --ignore names, layers torch-pruning cannot
-    handle (reported, not a crash), and attention head grouping."""
+    handle (reported, not a crash), and attention head grouping. A copy pruned as ``cfg``
+    asks (or at half width) must run: layers whose widths a forward fixes are kept whole."""
     ignored: list[Any] = list(resolve_layers(model, ignore))
     notes: list[str] = []
     clf = find_classifier(model, example)
@@ -203,7 +207,30 @@ def make_plan(model: nn.Module, example: torch.Tensor, ignore=()) -> _Plan:
     for name in _untraceable_roots(model, example, ignored, num_heads):
         ignored.append(dict(model.named_modules())[name])
         notes.append(f"skipped {name}: torch-pruning cannot trace its channel dependencies")
-    return _Plan(ignored=ignored, num_heads=num_heads, notes=notes)
+    tied = attention.coupled_roots(model, example, ignored)
+    if tied:
+        ignored.extend(resolve_layers(model, tied))
+        notes.append(f"kept {', '.join(tied)} whole: coupled to the model's input, whose "
+                     "width is fixed")
+    plan = _Plan(ignored, num_heads, notes, attention.find_attention(model, example),
+                 _output_shape(model, example))
+    attention.keep_forward_working(model, example, plan.ignored, plan.notes,
+                                   _trial(model, example, cfg, plan))
+    return plan
+
+
+def _trial(model, example, cfg, plan):
+    """Prune a copy as the run will (l2 ranking: no gradients yet; half width when the
+    ratio is still to be searched) and check that its forward runs."""
+    cfg = cfg or PruneConfig(ratio=0.5)
+    cfg = dataclasses.replace(cfg, importance="l2", steps=1, target_macs=None,
+                              ratio=None if cfg.layer_ratios else cfg.ratio or 0.5)
+
+    def trial(ignored):
+        prune_copy(model, example, cfg, dataclasses.replace(plan, ignored=ignored),
+                   cfg.ratio or 0.0, cfg.layer_ratios)
+
+    return trial
 
 
 def _build_graph(model, example, ignored):
@@ -275,6 +302,9 @@ class _RoundingPruner(tp.pruner.BasePruner):
 
 def build_pruner(model, example, cfg: PruneConfig, plan: _Plan, ratio: float, ratios=None):
     """A torch-pruning pruner for ``model``; ``ratios`` maps modules to their own ratio."""
+    num_heads, proj_groups = attention.head_groups(plan.attention)
+    if cfg.global_pruning and not ratios:
+        ratios = attention.pinned_ratios(plan.attention, ratio)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _RoundingPruner(
@@ -287,17 +317,23 @@ def build_pruner(model, example, cfg: PruneConfig, plan: _Plan, ratio: float, ra
             iterative_steps=cfg.steps,
             round_to=cfg.round_to,
             ignored_layers=list(plan.ignored),
-            # Prune the embedding in whole-head units so every head keeps the same width;
-            # passed as channel groups, not num_heads, which would skip the embedding group.
-            out_channel_groups=dict(plan.num_heads),
+            # nn.MultiheadAttention: its embedding in whole-head units so every head keeps
+            # the same width; as channel groups, not num_heads, which would skip that group.
+            # User-written attention: q/k/v as num_heads (each head loses the same dims) and
+            # the output projection in per-head groups, so heads x head_dim == embedding.
+            out_channel_groups={**plan.num_heads, **proj_groups},
+            num_heads=num_heads,
         )
 
 
-def prune_step(pruner, model: nn.Module) -> int:
+def prune_step(pruner, model: nn.Module, plan: _Plan | None = None) -> int:
     """Apply one pruning step; refuse (before any damage is saved) to empty a layer."""
     with warnings.catch_warnings():  # torch-pruning's shape-inference chatter
         warnings.simplefilter("ignore")
-        return _prune_groups(pruner)
+        removed = _prune_groups(pruner)
+    if plan is not None:
+        attention.sync_heads(plan.attention, pruner.num_heads)
+    return removed
 
 
 def _prune_groups(pruner) -> int:
@@ -374,7 +410,8 @@ def prune_copy(model, example, cfg, plan: _Plan, ratio, ratios_by_name=None):
     m, plan = copy.deepcopy((model, plan))
     ratios = _modules_for(m, ratios_by_name)
     pruner = build_pruner(m, example, dataclasses.replace(cfg, steps=1), plan, ratio, ratios)
-    prune_step(pruner, m)
+    prune_step(pruner, m, plan)
+    attention.check_forward(m, example, plan.out_shape)
     return m
 
 
@@ -397,6 +434,8 @@ def ratio_for_macs(model, example, cfg: PruneConfig, plan: _Plan, iters: int = 1
         mid = (lo + hi) / 2
         try:
             macs = count_macs(prune_copy(model, example, cfg, plan, mid), example)
+        except attention.PruneShapeError:
+            raise
         except TorchslimError:
             hi = mid
             continue
@@ -530,7 +569,7 @@ def _finetune(model, data, train_cfg, teacher, callbacks, say, label):
 
 
 def _run_structured(model, cfg, example, data, train_cfg, teacher, callbacks, say) -> dict:
-    plan = make_plan(model, example, cfg.ignore)
+    plan = make_plan(model, example, cfg.ignore, cfg)
     ratio = cfg.ratio
     if cfg.target_macs is not None:
         say(f"searching the channel ratio that keeps {cfg.target_macs:.0%} of the MACs")
@@ -543,7 +582,8 @@ def _run_structured(model, cfg, example, data, train_cfg, teacher, callbacks, sa
         if cfg.importance == "taylor":
             taylor_gradients(model, data)
         say(f"pruning step {step}/{cfg.steps}")
-        removed += prune_step(pruner, model)
+        removed += prune_step(pruner, model, plan)
+        attention.check_forward(model, example, plan.out_shape)  # before any fine-tuning
         model.zero_grad(set_to_none=True)
         recalibrate_bn(model, data)
         if step == 1 and data is not None and cfg.steps == 1:

@@ -166,7 +166,7 @@ def test_fidelity_of_identity_is_perfect(trained_tiny):
 def test_torchscript_input_is_refused_in_one_line(trained_tiny, tmp_path):
     ts = tmp_path / "m.ts"
     torch.jit.trace(load_model(trained_tiny).model, torch.zeros(1, 1, 8, 8)).save(str(ts))
-    res = _compress(ts, "-o", tmp_path / "o.pt", "--quantize", "fp16")
+    res = _compress(ts, "-o", tmp_path / "o.pt", "--quantize", "fp16", "--trust")
     assert res.exit_code == 1
     assert "cannot transform a torchscript file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1  # no table, no warning before it

@@ -75,7 +75,9 @@ def test_pickle_needs_trust(tmp_path, monkeypatch):
 def test_torchscript_loads_for_measurement(tmp_path, tiny):
     path = tmp_path / "m.ts"
     torch.jit.trace(tiny, torch.randn(1, 1, 16, 16)).save(str(path))
-    loaded = load_model(path)
+    with pytest.raises(TorchslimError, match="is TorchScript, which runs the code inside it"):
+        load_model(path)  # its scripted code would run: only with --trust
+    loaded = load_model(path, trust=True)
     x = torch.randn(2, 1, 16, 16)
     assert loaded.kind == "torchscript"
     assert torch.allclose(loaded.model(x), tiny(x), atol=1e-6)

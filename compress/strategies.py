@@ -1,0 +1,111 @@
+"""Search strategies over one Session: staged (the default) and Optuna's TPE.
+
+See search.py's docstring for why staged is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .candidates import Spec
+from .errors import TorchslimError
+from .search import OBJECTIVE_KEY, Session, Stop
+
+
+def _epochs(swap: str, ratio: float, epochs: int) -> int:
+    return epochs if swap != "none" or ratio > 0 else 0
+
+
+def _bisect_largest(grid: list[float], ok: Callable[[float], bool]) -> int:
+    """Index of the largest grid value with ok(), assuming ok is monotone (True, then False)."""
+    lo, hi = -1, len(grid)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(grid[mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def staged(s: Session, swaps, precisions) -> None:
+    cfg, grid = s.cfg, s.cfg.grid()
+    rank_prec = "int8" if "int8" in precisions else precisions[-1]
+    if "none" in swaps:  # (0) no training: seconds, and an answer exists early on
+        for p in dict.fromkeys([rank_prec, "fp32"]):
+            if p in precisions:
+                s.evaluate(Spec("none", 0.0, 0, p))
+    limits = {}
+    for swap in swaps:  # (1) rank: how far can each architecture be pruned?
+        def promising(r, swap=swap):
+            recs = [s.evaluate(Spec(swap, r, _epochs(swap, r, cfg.rank_epochs), p))
+                    for p in dict.fromkeys([rank_prec, "fp32"]) if p in precisions]
+            return any(s.ok(rec, cfg.rank_slack) for rec in recs)
+
+        limits[swap] = _bisect_largest(grid, promising)
+    pool = [(swap, r) for swap in swaps for r in grid[: limits[swap] + 1]]
+    pool.sort(key=lambda p: _proxy(s, *p))
+    solved: set[str] = set()
+    for swap, r in pool:  # (2) finalists, most compressed first
+        if swap in solved:
+            continue
+        if _finalist(s, swap, r, precisions):
+            solved.add(swap)
+            if cfg.objective != "latency" or solved == set(swaps):
+                return  # the proxy orders size and MACs exactly; latency needs measuring
+
+
+def _finalist(s: Session, swap: str, r: float, precisions) -> bool:
+    cfg = s.cfg
+    order = [("int8", 0)] if "int8" in precisions else []
+    order += [("int8-mixed", k) for k in cfg.keep_fp32[:1] if "int8-mixed" in precisions]
+    order += [("qat", 0)] if "qat" in precisions else []
+    order += [("int8-mixed", k) for k in cfg.keep_fp32[1:] if "int8-mixed" in precisions]
+    order += [(p, 0) for p in ("fp16", "fp32") if p in precisions]
+    for prec, keep in order:
+        spec = Spec(swap, r, _epochs(swap, r, cfg.final_epochs), prec, keep)
+        if s.ok(s.evaluate(spec)):
+            return True
+    return False
+
+
+def _proxy(s: Session, swap: str, r: float) -> float:
+    """Size/MACs of the pruned architecture before any training: the order of finalists."""
+    from .measure import count_macs, count_params
+    from .prune import PruneConfig, prune_model
+
+    parent = s.builder.parent(swap)
+    example = s.ctx.data.head(1)
+    model = parent if r == 0 else prune_model(parent, PruneConfig(ratio=r, seed=s.cfg.seed),
+                                              example)[0]
+    if s.cfg.objective == "size":
+        return count_params(model)[0]
+    return count_macs(model, example)
+
+
+def optuna_search(s: Session, swaps, precisions) -> None:
+    """Optuna's multi-objective TPE over the same space (full fine-tunes, no ranking)."""
+    try:
+        import optuna
+    except ImportError:
+        raise TorchslimError("--strategy optuna needs Optuna: pip install "
+                             "'torchslim[search]' (or use the default staged strategy)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = s.cfg
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True,
+                                         n_startup_trials=4)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    key = OBJECTIVE_KEY[cfg.objective]
+    while True:
+        trial = study.ask()
+        swap = trial.suggest_categorical("swap", list(swaps))
+        r = trial.suggest_float("prune", 0.0, cfg.max_prune, step=cfg.prune_step)
+        prec = trial.suggest_categorical("precision", list(precisions))
+        spec = Spec(swap, round(r, 4), _epochs(swap, r, cfg.final_epochs), prec,
+                    cfg.keep_fp32[0] if prec == "int8-mixed" and cfg.keep_fp32 else 0)
+        try:
+            rec = s.evaluate(spec)
+        except Stop:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        study.tell(trial, [rec["val_accuracy"], float(rec[key] or 0)])

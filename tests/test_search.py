@@ -1,0 +1,190 @@
+"""The accuracy-guarded search: honest split, goal checks, resume, budget, diagnosis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from torchslim.cli.app import app
+from torchslim.compress import onnx_quant as oq
+from torchslim.compress import qdiag
+from torchslim.compress.candidates import (
+    Context,
+    Spec,
+    baseline_record,
+    held_out_indices,
+    recipe,
+    search_split,
+    spec_from_recipe,
+)
+from torchslim.compress.data import load_data, split_indices
+from torchslim.compress.io import load_model
+from torchslim.compress.search import SearchConfig, front, search
+from torchslim.compress.train import evaluate
+
+runner = CliRunner()
+FAST = ["--threads", "1", "--min-time", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+    return search_split(digits, 0.5, 0)
+
+
+def _ctx(trained_tiny, split, workdir: Path, suffix=".pt") -> tuple[Context, dict]:
+    loaded = load_model(trained_tiny)
+    ctx = Context(teacher=loaded.model.float().eval(), meta=loaded.meta, data=split,
+                  workdir=workdir, suffix=suffix, threads=1, min_run_time=0.02)
+    return ctx, baseline_record(loaded, ctx)
+
+
+def test_three_way_split_never_leaks(digits, split):
+    from sklearn.datasets import load_digits
+
+    y = torch.from_numpy(load_digits().target.astype(np.int64))
+    train, held, _ = split_indices(y, 0.2, 0.0, 0)  # what `torchslim train` holds out
+    v, t = held_out_indices(y[held], 0.5, 0)
+    val, test = held[v], held[t]
+    sets = [set(train.tolist()), set(val.tolist()), set(test.tolist())]
+    assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
+    assert len(sets[0] | sets[1] | sets[2]) == len(y) == 1797
+    # the search's tensors are exactly those images: train is the input model's train split
+    assert torch.equal(split.train.tensors[1], y[train])
+    assert torch.equal(split.val.tensors[1], y[val]) and torch.equal(split.test.tensors[1],
+                                                                     y[test])
+    assert len(split.val) + len(split.test) == len(digits.val)
+    assert set(split.test.tensors[1].tolist()) == set(range(10))  # stratified: all classes
+
+
+def test_front_keeps_only_undominated():
+    recs = [{"key": k, "file_bytes": b, "val_accuracy": a}
+            for k, b, a in [("a", 10, 90.0), ("b", 20, 95.0), ("c", 30, 94.0), ("d", 5, 80.0)]]
+    assert [r["key"] for r in front(recs, "file_bytes")] == ["d", "a", "b"]
+
+
+def test_recipe_round_trips_to_the_same_candidate():
+    for spec in (Spec("dws", 0.3, 12, "int8"), Spec("none", 0.5, 4, "qat"), Spec(),
+                 Spec("dws-hard", 0.0, 2, "fp16")):
+        assert spec_from_recipe(recipe(spec)) == spec
+    mixed = Spec("dws", 0.2, 3, "int8-mixed", 2)
+    assert spec_from_recipe(recipe(mixed, exclude=("a", "b"))) == mixed
+
+
+def test_qdiag_measures_layers_and_keeping_the_worst_in_fp32(trained_tiny, digits, tmp_path):
+    from torchslim.compress.quantize import QuantizeConfig, quantize_model
+
+    model = load_model(trained_tiny).model
+    calib = oq.calibration_batches(digits.train, 2, 32)
+    diag = qdiag.diagnose(model, (1, 8, 8), calib)
+    convs = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert len(diag.layers) == convs  # every Conv/Linear is one ONNX compute node
+    assert all(15.0 < lay.sqnr_db < 80.0 for lay in diag.layers)  # int8: ~1-10 % error
+    for lay in diag.layers:  # the two error figures agree: rel = 10^(-SQNR/20)
+        assert lay.rel_error == pytest.approx(10 ** (-lay.sqnr_db / 20), rel=1e-3)
+    worst = diag.worst(1)
+    res = quantize_model(model, QuantizeConfig(mode="static", exclude=tuple(worst)),
+                         out_path=tmp_path / "m.onnx", data=digits)
+    assert [f.split(" ")[0] for f in res.fallbacks] == worst  # exactly that node stays fp32
+
+
+def test_resume_skips_measured_candidates(trained_tiny, split, tmp_path):
+    cfg = SearchConfig(max_acc_drop=100.0, swaps=("none",), precisions=("fp32",),
+                       max_prune=0.2, prune_step=0.2, rank_epochs=1, final_epochs=1,
+                       trials=1)
+    ctx, base = _ctx(trained_tiny, split, tmp_path / "wd")
+    seen: list[tuple[str, bool]] = []
+    first = search(cfg, ctx, base, on_record=lambda r, resumed: seen.append((r["key"],
+                                                                             resumed)))
+    assert first.stopped == "1 trials measured" and len(first.records) == 1  # "Ctrl-C"
+    ctx2, _ = _ctx(trained_tiny, split, tmp_path / "wd")
+    seen.clear()
+    cfg = SearchConfig(**{**cfg.__dict__, "trials": None})
+    second = search(cfg, ctx2, base, on_record=lambda r, resumed: seen.append((r["key"],
+                                                                              resumed)))
+    assert second.stopped is None and len(second.records) == 2  # input, then pruned 0.2
+    resumed = [k for k, r in seen if r]
+    assert resumed == [r["key"] for r in first.records]  # measured before: not measured again
+    lines = (tmp_path / "wd" / "candidates.jsonl").read_text().splitlines()
+    assert len(lines) == len(second.records) == len(set(json.loads(x)["key"] for x in lines))
+    for old in first.records:  # same numbers, read back rather than re-measured
+        new = next(r for r in second.records if r["key"] == old["key"])
+        assert new["val_accuracy"] == old["val_accuracy"] and new["seconds"] == old["seconds"]
+
+
+def test_time_budget_stops_the_search(trained_tiny, split, tmp_path):
+    cfg = SearchConfig(max_acc_drop=0.5, swaps=("none",), precisions=("fp32",),
+                       max_prune=0.4, prune_step=0.2, rank_epochs=50, final_epochs=50,
+                       time_budget_s=1.0)
+    ctx, base = _ctx(trained_tiny, split, tmp_path / "wd")
+    result = search(cfg, ctx, base)
+    # 50 epochs take minutes; the budget check inside training stops it within a step
+    assert result.stopped is not None and "time budget of 1s" in result.stopped
+    assert all(r["spec"]["epochs"] == 0 for r in result.records)
+    assert result.seconds < 60
+
+
+def _goal_cli(model, out, *extra):
+    return runner.invoke(app, ["compress", str(model), "--data", "digits", "-o", str(out),
+                               "--distill", "--epochs", "1", *FAST, *extra])
+
+
+def test_infeasible_goal_exits_1_with_the_front(trained_tiny, tmp_path):
+    out = tmp_path / "c.pt"
+    res = _goal_cli(trained_tiny, out, "--max-acc-drop", "0.5", "--prune", "0.2",
+                    "--target-size", "1/1000", "--trials", "3")
+    assert res.exit_code == 1, res.output
+    assert "goal not met" in res.stdout and "no candidate meets the goal" in res.output
+    assert not out.exists()  # a model that misses the goal is not written as the answer
+    doc = json.loads((tmp_path / "c.pareto.json").read_text())
+    assert doc["status"] == "infeasible" and 2 <= len(doc["candidates"]) <= 3
+    assert doc["fronts"]["size"] and (tmp_path / "c.pareto.png").stat().st_size > 10_000
+    keys = {"recipe", "params", "macs", "file_bytes", "latency_ms_median", "val_accuracy",
+            "test_accuracy", "seconds"}
+    assert all(keys <= set(c) for c in doc["candidates"])
+    assert "Pareto front" in res.stdout
+
+
+def test_chosen_test_accuracy_equals_an_independent_evaluation(trained_tiny, tmp_path):
+    out, rec = tmp_path / "c.onnx", tmp_path / "r.toml"
+    res = _goal_cli(trained_tiny, out, "--max-acc-drop", "5", "--quantize", "static",
+                    "--trials", "2", "--dump-recipe", str(rec))
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "c.pareto.json").read_text())
+    chosen = next(c for c in doc["candidates"] if c["key"] == doc["chosen"])
+    split = search_split(load_data("digits", seed=0), 0.5, 0)
+    top1 = evaluate(oq.OnnxRunner(out), split.test)[0]
+    assert top1 == pytest.approx(chosen["test_accuracy"], abs=1e-9)
+    assert out.stat().st_size == chosen["file_bytes"]
+    assert doc["baseline"]["test_accuracy"] - top1 <= 5.0  # the goal, checked on test
+    again = tmp_path / "again.onnx"  # the recipe rebuilds the same candidate, no search
+    res = _goal_cli(trained_tiny, again, "--max-acc-drop", "5", "--recipe", str(rec))
+    assert res.exit_code == 0, res.output
+    redo = json.loads((tmp_path / "again.pareto.json").read_text())["candidates"]
+    assert [c["key"] for c in redo] == [doc["chosen"]]
+    assert evaluate(oq.OnnxRunner(again), split.test)[0] == pytest.approx(top1)
+
+
+def test_goal_usage_errors(trained_tiny, tmp_path):
+    res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5",
+                    "--target-size", "1/20", "--target-latency-ms", "1")
+    assert res.exit_code == 2 and "at most one of" in res.output
+    res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5",
+                    "--target-macs", "0.5")
+    assert res.exit_code == 2 and "--prune" in res.output
+    res = _goal_cli(trained_tiny, tmp_path / "c.pt", "--max-acc-drop", "0.5",
+                    "--quantize", "static")
+    assert res.exit_code == 2 and "int8 needs -o model.onnx" in res.output
+
+
+def test_dry_run_prints_space_and_estimate(trained_tiny, tmp_path):
+    res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5",
+                    "--dry-run", "--swap", "--prune", "0.3", "--quantize", "static")
+    assert res.exit_code == 0, res.output
+    assert "pruning ratios: 0, 0.1, 0.2, 0.3" in res.stdout
+    assert "precisions: fp32, int8, int8-mixed" in res.stdout and "estimate: ~" in res.stdout
+    assert not (tmp_path / "c.onnx").exists()
