@@ -189,7 +189,7 @@ def _row(r: dict, base: dict, split: str) -> list[str]:
             f"{acc:.2f}", f"{0.0 - drop(r, base, split) + 0.0:+.2f}"]
 
 
-HEAD = ["candidate", "params", "file", "x smaller", "MACs", "ms b1", "x faster"]
+HEAD = ["candidate", "params", "file", "x smaller", "MACs", "ms b1", "x faster vs input"]
 
 
 class _LiveTable:
