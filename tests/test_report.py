@@ -344,8 +344,8 @@ def test_report_two_models_lines_up_layers(trained_tiny, tiny_pruned):
 def test_layers_refuse_torchscript(trained_tiny, tmp_path):
     scripted = tmp_path / "s.pt"
     torch.jit.save(torch.jit.script(load_model(trained_tiny).model.eval()), str(scripted))
-    res = runner.invoke(app, ["report", str(scripted), "--layers", "--input-shape", "1,8,8",
-                              *FAST])
+    res = runner.invoke(app, ["report", str(scripted), "--trust", "--layers", "--input-shape",
+                              "1,8,8", *FAST])  # TorchScript runs code: it needs --trust
     assert res.exit_code == 1
     assert "--layers needs an eager PyTorch model or an ONNX file" in res.stderr
 
