@@ -10,9 +10,7 @@ without ``--trust``, since importing a module runs its code.
 
 from __future__ import annotations
 
-import io
 import os
-import pickletools
 import sys
 import zipfile
 from collections.abc import Iterable
@@ -56,37 +54,12 @@ def add_import_paths(model_path: Path | None, code_paths: Iterable[Path] = ()) -
 def pickle_globals(path: Path) -> list[str]:
     """``module.name`` of every global a torch.save file's pickle references, read from its
     opcodes without executing anything (empty when the file cannot be read this way)."""
+    from .safeload import pickle_globals as scan
+
     try:
-        data = _pickle_bytes(path)
-        return _globals_in(data) if data is not None else []
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError, KeyError):
+        return [n for n in scan(path) if not n.startswith("<")]
+    except (TorchslimError, OSError, ValueError, EOFError, zipfile.BadZipFile):
         return []
-
-
-def _pickle_bytes(path: Path) -> bytes | None:
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as zf:
-        name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-        return zf.read(name) if name else None
-
-
-def _globals_in(data: bytes) -> list[str]:
-    found, strings, memo = [], [], {}
-    for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-        if op.name == "GLOBAL":
-            found.append(arg.replace(" ", ".", 1))
-        elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-            strings.append(arg)
-        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-            memo[arg] = strings[-1]
-        elif op.name == "MEMOIZE" and strings:
-            memo[len(memo)] = strings[-1]
-        elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
-            strings.append(memo[arg])
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            found.append(f"{strings[-2]}.{strings[-1]}")
-    return list(dict.fromkeys(found))
 
 
 def user_classes(names: Iterable[str]) -> list[str]:
