@@ -71,8 +71,9 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data", "-d",
-        help="`digits` (built in), an image folder (one sub-folder per class) or a .npz/.pt "
-        "file with x and y.",
+        help="`digits` (built in), `fashion-mnist` (apt-get install dataset-fashion-mnist; "
+        "official test split kept), a folder of IDX files (train-/t10k-images-idx3-ubyte[.gz] "
+        "+ labels), an image folder (one sub-folder per class) or a .npz/.pt file with x and y.",
     ),
 ]
 ImageSizeOpt = Annotated[

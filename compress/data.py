@@ -1,4 +1,5 @@
-"""Data sets: ``digits`` (built in), an image folder, or a ``.npz``/``.pt`` tensor file.
+"""Data sets: ``digits`` (built in), ``fashion-mnist`` (installed) or any folder of IDX
+files, an image folder, or a ``.npz``/``.pt`` tensor file.
 
 Everything is loaded into memory as float32 (N, C, H, W) tensors: the target users have
 hundreds to thousands of small images, for which in-memory tensors are simplest and fastest.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from . import idx
 from .errors import TorchslimError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
@@ -52,16 +55,22 @@ def load_data(
     test_fraction: float = 0.0,
 ) -> DataSplit:
     """Load ``spec`` and split it into stratified, seed-deterministic train/val sets, plus
-    a test set when ``test_fraction`` > 0 (carved first, so val and test never overlap)."""
+    a test set when ``test_fraction`` > 0 (carved first, so val and test never overlap).
+    A data set with an official test split (fashion-mnist, IDX folders with t10k files)
+    keeps it as ``test`` and carves val from its train split; ``test_fraction`` is unused."""
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1) and leave training data, got "
                          f"{test_fraction} with val {val_fraction}")
-    x, y, names, label = _load_raw(spec, size, channels)
+    x, y, names, label, n_test = _load_raw(spec, size, channels)
     x = _resize(x, size)
     x = _to_channels(x, channels)
-    train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
+    if n_test:  # an official test split wins over test_fraction: results stay comparable
+        train_idx, val_idx = stratified_split(y[:-n_test], val_fraction, seed)
+        test_idx = torch.arange(len(y) - n_test, len(y))
+    else:
+        train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
     if train_limit is not None:
         train_idx = _limit_stratified(train_idx, y, train_limit, seed)
     c, h, w = x.shape[1:]
@@ -87,20 +96,31 @@ def split_indices(y: torch.Tensor, val_fraction: float, test_fraction: float, se
     return rest[train_r], rest[val_r], test
 
 
-def _load_raw(spec, size, channels):
+class _Raw(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    names: list[str]
+    label: str
+    n_test: int = 0  # the last n_test rows are the data set's official test split
+
+
+def _load_raw(spec, size, channels) -> _Raw:
     if spec in BUILTIN:
-        return (*_digits(), "digits")
+        return _Raw(*_digits(), "digits")
+    if (found := idx.load(spec)) is not None:  # fashion-mnist, or a folder of IDX files
+        data, label = found
+        return _Raw(data.x, data.y, data.class_names, label, data.n_test)
     path = Path(spec)
     if path.is_dir():
-        return (*_image_folder(path, size, channels), path.name)
+        return _Raw(*_image_folder(path, size, channels), path.name)
     if path.suffix.lower() in (".npz", ".pt", ".pth"):
         if not path.exists():
             raise TorchslimError(f"data file not found: {path}; check the path")
-        return (*_tensor_file(path), path.name)
+        return _Raw(*_tensor_file(path), path.name)
     if not path.exists():
         raise TorchslimError(
-            f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}), and no such "
-            "folder or .npz/.pt file"
+            f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}) or installed "
+            f"({', '.join(idx.NAMED)}) set, and no such folder or .npz/.pt file"
         )
     raise TorchslimError(
         f"cannot read data from {path}: expected an image folder (one sub-folder per class) "
