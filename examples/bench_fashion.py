@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,12 +70,24 @@ class Context:
     data: DataSplit
     args: argparse.Namespace
     workdir: Path
-    artifacts: dict[tuple[str, int], Path] = field(default_factory=dict)  # (key, seed) -> file
+
+    def artifact(self, ap: Approach, seed: int) -> Path:
+        """Where ``ap`` writes its file for ``seed``; the name holds every setting it
+        depends on, so a --workdir rerun reuses only what the same settings made."""
+        a = self.args
+        tag = (f"{a.size}px-e{a.epochs}-b{a.batch_size}-lr{a.lr:g}-"
+               f"{'aug' if a.augment else 'noaug'}-n{a.train_limit or 'all'}")
+        tag += f"-d{a.distill_epochs}-q{a.qat_epochs}" if ap.needs else ""
+        return self.workdir / f"{ap.key}-{tag}-s{seed}{ap.suffix}"
+
+    def approach(self, key: str) -> Approach:
+        return next(ap for ap in approaches(self.args) if ap.key == key)
 
     def train_config(self, seed: int) -> TrainConfig:
         # hflip: clothes are mirror-symmetric, unlike digits or PD sensor images
         return TrainConfig(epochs=self.args.epochs, lr=self.args.lr,
-                           batch_size=self.args.batch_size, seed=seed, hflip=True)
+                           batch_size=self.args.batch_size, seed=seed,
+                           augment=self.args.augment, hflip=True)
 
 
 def train_arch(arch: str) -> Callable[[Context, int, Path], None]:
@@ -103,7 +117,7 @@ def _epoch_log(name: str) -> Callbacks:
 
 def _kd(a: argparse.Namespace, seed: int) -> DistillConfig:
     return DistillConfig(epochs=a.distill_epochs, lr=a.lr, batch_size=a.batch_size, seed=seed,
-                         hflip=True)
+                         augment=a.augment, hflip=True)
 
 
 # name -> configs for run_pipeline. "demo" is cli/demo.py's demo_recipe with this
@@ -124,7 +138,7 @@ def torchslim_recipe(name: str) -> Callable[[Context, int, Path], None]:
     """Run the named recipe through ``run_pipeline`` on this seed's trained PDModel."""
 
     def run(ctx: Context, seed: int, out: Path) -> None:
-        teacher = ctx.artifacts[("pd_model", seed)]
+        teacher = ctx.artifact(ctx.approach("pd_model"), seed)
         recipe = RECIPES[name](ctx.args, seed)
         hooks = Hooks(training=lambda title: nullcontext(_epoch_log(f"{name} seed {seed}")))
         result = run_pipeline(load_model(teacher), recipe, out, data=ctx.data, force=True,
@@ -171,11 +185,19 @@ class Run:
     test_top1: float
 
 
-def run_one(ctx: Context, ap: Approach, seed: int) -> Run:
+_WORKER: dict = {}  # the Context of a worker process, built once by _init_worker
+
+
+def _init_worker(args: argparse.Namespace, workdir: Path) -> None:
+    torch.set_num_threads(args.train_threads)
+    _WORKER["ctx"] = Context(load(args), args, workdir)
+
+
+def _work(key: str, seed: int) -> dict:
     """Run (or reuse from --workdir) one approach for one seed, and score it on test."""
-    a = ctx.args
-    tag = f"e{a.epochs}" + (f"-d{a.distill_epochs}-q{a.qat_epochs}" if ap.needs else "")
-    out = ctx.workdir / f"{ap.key}-{tag}-n{a.train_limit or 'all'}-s{seed}{ap.suffix}"
+    ctx = _WORKER["ctx"]
+    ap = ctx.approach(key)
+    out = ctx.artifact(ap, seed)
     times = out.with_name(out.name + ".time.json")
     if out.exists() and times.exists():
         t = json.loads(times.read_text())
@@ -183,34 +205,63 @@ def run_one(ctx: Context, ap: Approach, seed: int) -> Run:
     else:
         log(f"{ap.label}, seed {seed}...")
         wall, cpu = time.perf_counter(), time.process_time()
-        torch.set_num_threads(a.train_threads)
         ap.run(ctx, seed, out)
         t = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
         times.write_text(json.dumps(t))
-    ctx.artifacts[(ap.key, seed)] = out
     top1 = test_accuracy(out, ctx.data)
     log(f"  {ap.key} seed {seed}: test {top1:.2f}%, {t['wall_s']:.0f} s wall")
-    return Run(ap, seed, out, t["wall_s"], t["cpu_s"], top1)
+    return {"path": out, "wall_s": t["wall_s"], "cpu_s": t["cpu_s"], "test_top1": top1}
 
 
 def test_accuracy(path: Path, data: DataSplit) -> float:
     if path.suffix == ".onnx":
-        return evaluate(oq.OnnxRunner(path), data.test, 500)[0]
+        return evaluate(oq.OnnxRunner(path, threads=1), data.test, 500)[0]
     return evaluate(load_model(path).model.eval(), data.test, 500)[0]
 
 
-def run_all(ctx: Context, aps: list[Approach], seeds: list[int]) -> list[Run]:
-    """Seed 0 for every approach; the other seeds only for approaches within
-    ``--repeat-within`` points of the baseline on seed 0 (and their dependencies), since one
-    seed settles a gap of several points but not one under a point."""
-    runs = [run_one(ctx, ap, seeds[0]) for ap in aps]
-    base = runs[0].test_top1
-    close = {r.approach.key for r in runs[1:]
-             if abs(r.test_top1 - base) < ctx.args.repeat_within}
-    repeat = {dep for ap in aps if ap.key in close for dep in (ap.key, *ap.needs)}
-    for seed in seeds[1:]:
-        runs += [run_one(ctx, ap, seed) for ap in aps if ap.key in repeat]
-    return runs
+def run_all(args, aps: list[Approach], workdir: Path) -> list[Run]:
+    """Every (approach, seed) in ``args.jobs`` one-thread worker processes, each task as soon
+    as what it reads exists. The baseline runs every seed; another approach repeats the
+    later seeds only when its first seed lands within ``--repeat-within`` points of the
+    baseline's, since one seed settles a gap of several points but not one under a point."""
+    first, base = args.seeds[0], aps[0].key
+    pending = [(ap, s) for s in args.seeds for ap in aps]
+    done: dict[tuple[str, int], Run] = {}
+    spawn = multiprocessing.get_context("spawn")  # fork after torch has run is not safe
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=_init_worker,
+                             initargs=(args, workdir)) as pool:
+        running: dict = {}
+        while pending or running:
+            for ap, s in list(pending):
+                verdict = _ready(ap, s, done, first, base, args.repeat_within)
+                if verdict == "drop":
+                    pending.remove((ap, s))
+                elif verdict == "go" and len(running) < args.jobs:
+                    pending.remove((ap, s))
+                    running[pool.submit(_work, ap.key, s)] = (ap, s)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                ap, s = running.pop(f)
+                done[(ap.key, s)] = Run(ap, s, **f.result())
+    return [done[(ap.key, s)] for s in args.seeds for ap in aps if (ap.key, s) in done]
+
+
+def _ready(ap: Approach, seed: int, done: dict, first: int, base: str, within: float) -> str:
+    """"go", "wait" or "drop" for one pending task."""
+    if any((dep, seed) not in done for dep in ap.needs):
+        return "wait"
+    if seed == first or ap.key == base:
+        return "go"
+    if (ap.key, first) not in done or (base, first) not in done:
+        return "wait"
+    gap = done[(ap.key, first)].test_top1 - done[(base, first)].test_top1
+    return "go" if abs(gap) < within else "drop"
+
+
+def load(args) -> DataSplit:
+    size = None if args.size == 28 else (args.size, args.size)
+    return load_data("fashion-mnist", size=size, seed=0, val_fraction=args.val_fraction,
+                     train_limit=args.train_limit)
 
 
 # --- latency: every artifact timed in one phase ---------------------------------------------
@@ -296,8 +347,7 @@ HEADERS = ["approach", "runtime", "params", "file", "MACs", "ms b1",
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data("fashion-mnist", seed=0, val_fraction=args.val_fraction,
-                     train_limit=args.train_limit)
+    data = load(args)  # in the main process only to fail early and to describe it
     log(data.describe())
     aps = approaches(args)
     if args.only:  # keep what the chosen approaches read, e.g. the recipe's PDModel
@@ -306,21 +356,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fashion-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(data, args, workdir)
         t0 = time.perf_counter()
-        runs = run_all(ctx, aps, args.seeds)
+        runs = run_all(args, aps, workdir)
         torch.set_num_threads(args.threads)
         lat = measure_latency(runs, args, Path(tmp))
         rows, summary = table(runs, lat, aps)
         total = time.perf_counter() - t0
     print(tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True))
-    print(f"\n{data.describe()}; test = the official t10k set. Training: AdamW + cosine, "
-          f"lr {args.lr}, batch {args.batch_size}, shifts + flips, {args.epochs} epochs "
-          f"(distillation {args.distill_epochs}, QAT {args.qat_epochs}); best epoch on val. "
-          f"Seeds {args.seeds[0]}..{args.seeds[-1]} where within {args.repeat_within} pt of "
-          f"PDModel on seed {args.seeds[0]}, else seed {args.seeds[0]} only. Latency: batch 1, "
-          f"{args.threads} threads, min of {args.rounds} rounds' medians, seed-"
-          f"{args.seeds[0]} artifacts. Whole run {total / 60:.1f} min.")
+    aug = "random shifts + flips" if args.augment else "no augmentation"
+    seeds = ",".join(map(str, args.seeds))
+    print(f"\n{data.describe()}; test = the official t10k set, val carved from train. "
+          f"Training: AdamW + cosine, lr {args.lr}, batch {args.batch_size}, {aug}, "
+          f"{args.epochs} epochs (distillation {args.distill_epochs}, QAT {args.qat_epochs}), "
+          f"best epoch on val; {args.jobs} jobs x {args.train_threads} thread(s). Seeds "
+          f"{seeds} for PDModel, and for others within {args.repeat_within} pt of it on seed "
+          f"{args.seeds[0]}. Latency: batch 1, {args.threads} threads, min of {args.rounds} "
+          f"rounds' medians, seed-{args.seeds[0]} artifacts. Whole run {total / 60:.1f} min.")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "data": data.describe(), "rows": summary,
@@ -333,6 +384,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distill-epochs", type=int, default=5)
     p.add_argument("--qat-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--size", type=int, default=32, help="input H = W (Fashion-MNIST is 28)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random shifts and flips while training")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-limit", type=int, default=None,
                    help="stratified subset of the training split (default: all of it)")
@@ -344,8 +398,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--recipe", action="append", choices=sorted(RECIPES), default=None)
     p.add_argument("--only", help="comma-separated approach keys (plus what they need)")
     p.add_argument("--threads", type=int, default=2, help="threads for latency")
-    p.add_argument("--train-threads", type=int, default=2,
-                   help="threads for training (1 wastes less CPU on a machine others load)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="trainings run at once, one thread each (see the module docstring)")
+    p.add_argument("--train-threads", type=int, default=1, help="threads per training job")
     p.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per call")
     p.add_argument("--workdir", help="keep artifacts here; existing ones are reused")
