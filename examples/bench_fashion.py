@@ -380,16 +380,16 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (PDModel, PDLight)")
-    p.add_argument("--distill-epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (PDModel, PDLight)")
+    p.add_argument("--distill-epochs", type=int, default=10)
     p.add_argument("--qat-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--size", type=int, default=32, help="input H = W (Fashion-MNIST is 28)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="random shifts and flips while training")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-limit", type=int, default=None,
-                   help="stratified subset of the training split (default: all of it)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--train-limit", type=int, default=20000,
+                   help="stratified subset of the 54,000 training images; 0 = all of them")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="validation carved from the 60,000 training images")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
@@ -409,6 +409,7 @@ def parse_args() -> argparse.Namespace:
                    help="smoke run: 2,000 training images, 1 epoch each, one seed")
     args = p.parse_args()
     args.recipe = args.recipe or ["demo"]
+    args.train_limit = args.train_limit or None
     if args.quick:
         args.train_limit, args.epochs, args.distill_epochs, args.qat_epochs = 2000, 1, 1, 1
         args.seeds, args.rounds, args.min_run_time = args.seeds[:1], 1, 0.3
