@@ -79,8 +79,9 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data", "-d",
-        help="`digits` (built in), an image folder (one sub-folder per class) or a .npz/.pt "
-        "file with x and y.",
+        help="`digits` (built in), `fashion-mnist` (apt-get install dataset-fashion-mnist; "
+        "official test split kept), a folder of IDX files (train-/t10k-images-idx3-ubyte[.gz] "
+        "+ labels), an image folder (one sub-folder per class) or a .npz/.pt file with x and y.",
     ),
 ]
 ImageSizeOpt = Annotated[
@@ -92,6 +93,11 @@ ImageSizeOpt = Annotated[
 ]
 ChannelsOpt = Annotated[
     int | None, typer.Option("--channels", help="Image channels: 1 (grayscale) or 3.")
+]
+TrainLimitOpt = Annotated[
+    int | None,
+    typer.Option("--train-limit", min=1, help="Train on a stratified subset of this many "
+                 "training samples (quick runs on a large data set)."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the split and training.")]
 OutOpt = Annotated[

@@ -33,6 +33,7 @@ from .common import (
     OutOpt,
     SeedOpt,
     ThreadsOpt,
+    TrainLimitOpt,
     command,
     fit_progress,
     model_options,
@@ -156,6 +157,7 @@ def register(app: typer.Typer) -> None:
         channels: ChannelsOpt = None,
         threads: ThreadsOpt = None,
         min_time: Annotated[float | None, typer.Option(help="Seconds of timing per batch.")] = None,
+        train_limit: TrainLimitOpt = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
         max_acc_drop: Annotated[float | None, typer.Option(
@@ -210,7 +212,7 @@ def register(app: typer.Typer) -> None:
         for w in warnings:
             stderr_console.print(f"[yellow]warning:[/] {w}")
         split = (open_data(data, image_size=image_size, channels=channels, seed=seed,
-                           like=loaded) if data else None)
+                           like=loaded, train_limit=train_limit) if data else None)
         if dump_recipe_to is not None:
             dump_recipe(configs, dump_recipe_to, force=force)
         table = _LiveTable()

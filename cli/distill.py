@@ -40,6 +40,7 @@ from .common import (
     ImageSizeOpt,
     SeedOpt,
     ThreadsOpt,
+    TrainLimitOpt,
     command,
     fit_progress,
     input_spec,
@@ -165,6 +166,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Annotated[Path | None, typer.Option(
             help="Checkpoint written after every epoch (default OUTPUT.ckpt; removed when "
             "the run finishes).")] = None,
+        train_limit: TrainLimitOpt = None,
         seed: SeedOpt = 0,
         threads: ThreadsOpt = None,
         force: ForceOpt = False,
@@ -188,6 +190,7 @@ def register(app: typer.Typer) -> None:
         t_loaded = open_model(teacher, load)
         t_model = require_module(t_loaded, "distill")
         split = open_data(data, image_size=image_size, channels=channels, seed=seed,
+                          train_limit=train_limit,
                           like=t_loaded)
         s_model, meta = _student(student, split, load.num_classes, load)
         d = dist_from_env()

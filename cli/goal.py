@@ -70,7 +70,8 @@ def goal_options(model: Path, output: Path, data: str, **kw) -> dict:
     o = dict(model=model, output=output, data=data, swap=False, act=None, lowrank=None,
              prune=None, target_macs=None, distill=False, epochs=15, quantize=None,
              recipe=None, dump_recipe_to=None, image_size=None, channels=None,
-             threads=None, min_time=None, seed=0, load=LoadOptions(), force=False,
+             threads=None, min_time=None, seed=0, train_limit=None, load=LoadOptions(),
+             force=False,
              max_acc_drop=0.5, objective="size",
              target_size=None, target_size_kb=None, target_latency_ms=None,
              target_speedup=None, time_budget=None, trials=None, workdir=None,
@@ -102,7 +103,7 @@ def run_goal(o: dict) -> None:
     loaded = open_model(o["model"], o["load"])
     module = require_module(loaded, "compress")
     base = open_data(o["data"], image_size=o["image_size"], channels=o["channels"],
-                     seed=cfg.seed, like=loaded)
+                     seed=cfg.seed, like=loaded, train_limit=o["train_limit"])
     split = search_split(base, cfg.test_share, cfg.seed)
     stderr_console.print(f"[dim]{split.describe()} (validation chooses, test reports; both "
                          "held out from training)[/]")

@@ -17,6 +17,7 @@ from .common import (
     ForceOpt,
     OutOpt,
     SeedOpt,
+    TrainLimitOpt,
     command,
     fit_progress,
     open_data,
@@ -74,6 +75,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 3e-3,
         batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
         augment: Annotated[bool, typer.Option(help="Random-shift augmentation.")] = True,
+        train_limit: TrainLimitOpt = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
     ) -> None:
@@ -81,12 +83,14 @@ def register(app: typer.Typer) -> None:
         check_output(output, force=force)
         info = model_info(arch)  # an unknown name fails here, before any data is loaded
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=augment)
-        split = open_data(data, image_size=image_size, channels=channels, seed=seed)
+        split = open_data(data, image_size=image_size, channels=channels, seed=seed,
+                              train_limit=train_limit)
         if image_size is None and _too_small(split.input_shape, info["min_size"]):
             size = ",".join(map(str, info["input_size"]))
             stderr_console.print(f"[dim]{split.name} images are smaller than {info['name']} "
                                  f"takes; resized to its input size {size}[/]")
-            split = open_data(data, image_size=size, channels=channels, seed=seed)
+            split = open_data(data, image_size=size, channels=channels, seed=seed,
+                              train_limit=train_limit)
         stderr_console.print(f"[dim]{split.describe()}[/]")
         model, meta, result = train_registry_model(arch, split, cfg)
         save_model(model, Path(output), meta, force=force)

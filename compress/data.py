@@ -1,4 +1,5 @@
-"""Data sets: ``digits`` (built in), an image folder, or a ``.npz``/``.pt`` tensor file.
+"""Data sets: ``digits`` (built in), ``fashion-mnist`` (installed) or any folder of IDX
+files, an image folder, or a ``.npz``/``.pt`` tensor file.
 
 Everything is loaded into memory: the target users have hundreds to thousands of small
 samples, for which in-memory tensors are simplest and fastest. Images are float32
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from . import idx
 from .errors import TorchslimError, UsageError
 from .filecheck import check_npz
 from .inputs import InputSpec
@@ -81,19 +84,25 @@ def load_data(
     ``like`` is the model's input spec when known: a 3-D float array is then kept as
     sequences (N, L, D) if the model takes rank-3 input, else read as grayscale images.
     ``size``/``channels`` resize image data; on other data they are an error when
-    ``strict_image`` (the user asked for them), else ignored (taken from a model's shape)."""
+    ``strict_image`` (the user asked for them), else ignored (taken from a model's shape).
+    A data set with an official test split (fashion-mnist, IDX folders with t10k files)
+    keeps it as ``test`` and carves val from its train split; ``test_fraction`` is unused."""
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1) and leave training data, got "
                          f"{test_fraction} with val {val_fraction}")
-    xs, y, names, label = _load_raw(spec, size, channels, like)
+    xs, y, names, label, n_test = _load_raw(spec, size, channels, like)
     if len(xs) == 1 and xs[0].dim() == 4 and xs[0].is_floating_point():
         xs = [_to_channels(_resize(xs[0], size), channels)]
     elif (size or channels) and strict_image:
         raise UsageError(f"--image-size/--channels apply to image data; {label} holds "
                          f"{', '.join(_dims(x) for x in xs)} arrays")
-    train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
+    if n_test:  # an official test split wins over test_fraction: results stay comparable
+        train_idx, val_idx = stratified_split(y[:-n_test], val_fraction, seed)
+        test_idx = torch.arange(len(y) - n_test, len(y))
+    else:
+        train_idx, val_idx, test_idx = split_indices(y, val_fraction, test_fraction, seed)
     if train_limit is not None:
         train_idx = _limit_stratified(train_idx, y, train_limit, seed)
 
@@ -126,23 +135,34 @@ def split_indices(y: torch.Tensor, val_fraction: float, test_fraction: float, se
     return rest[train_r], rest[val_r], test
 
 
-def _load_raw(spec, size, channels, like=None):
-    """([inputs...], labels, class names, display name)."""
+class _Raw(NamedTuple):
+    xs: list[torch.Tensor]
+    y: torch.Tensor
+    names: list[str]
+    label: str
+    n_test: int = 0  # the last n_test rows are the data set's official test split
+
+
+def _load_raw(spec, size, channels, like=None) -> _Raw:
+    """(inputs, labels, class names, display name, official test rows at the end)."""
     if spec in BUILTIN:
         x, y, names = _digits()
-        return [x], y, names, "digits"
+        return _Raw([x], y, names, "digits")
+    if (found := idx.load(spec)) is not None:  # fashion-mnist, or a folder of IDX files
+        data, label = found
+        return _Raw([data.x], data.y, data.class_names, label, data.n_test)
     path = Path(spec)
     if path.is_dir():
         x, y, names = _image_folder(path, size, channels)
-        return [x], y, names, path.name
+        return _Raw([x], y, names, path.name)
     if path.suffix.lower() in (".npz", ".pt", ".pth"):
         if not path.exists():
             raise TorchslimError(f"data file not found: {path}; check the path")
-        return (*_tensor_file(path, like), path.name)
+        return _Raw(*_tensor_file(path, like), path.name)
     if not path.exists():
         raise TorchslimError(
-            f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}), and no such "
-            "folder or .npz/.pt file"
+            f"unknown data set {spec!r}: not a built-in ({', '.join(BUILTIN)}) or installed "
+            f"({', '.join(idx.NAMED)}) set, and no such folder or .npz/.pt file"
         )
     raise TorchslimError(
         f"cannot read data from {path}: expected an image folder (one sub-folder per class) "
