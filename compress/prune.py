@@ -217,7 +217,8 @@ def _build_graph(model, example, ignored):
 
 def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
     """Names of layers whose pruning group torch-pruning fails to build (e.g. a Linear
-    feeding a GRU): they are skipped instead of crashing the whole run."""
+    feeding a GRU) or builds wrong (indices past a layer's channels, as behind a channel
+    shuffle): they are skipped instead of crashing the whole run."""
     try:
         dg = _build_graph(model.eval(), example, ignored)
     except Exception as exc:  # the graph itself cannot be traced: nothing can be pruned
@@ -229,13 +230,34 @@ def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
     for m in list(dg.module2node):
         if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or id(m) in skip:
             continue
+        pruner = dg.get_pruner_of_module(m)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+                group = dg.get_pruning_group(m, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(m))))
         except Exception:
             bad.append(dg._module2name[m])
+            continue
+        if not _indices_fit(dg, group):
+            bad.append(dg._module2name[m])
     return bad
+
+
+def _indices_fit(dg, group) -> bool:
+    """Whether every layer in ``group`` has the channels its indices name. torch-pruning
+    maps indices through a view/transpose channel shuffle wrongly (ShuffleNet): such a
+    group would fail in the importance step or mis-slice the layers it reaches."""
+    for dep, idxs in group:
+        layer = dep.target.module
+        pruner = dg.get_pruner_of_module(layer)
+        if pruner is None or not len(idxs):
+            continue
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        size = pruner.get_out_channels(layer) if out else pruner.get_in_channels(layer)
+        if size is not None and max(int(i) for i in idxs) >= size:
+            return False
+    return True
 
 
 # --- structured pruning ---------------------------------------------------------------

@@ -177,6 +177,26 @@ def test_registry_lstm_reports_nothing_prunable():
     assert any("nothing was pruned" in n for n in rep.notes)
 
 
+def test_channel_shuffle_skips_the_groups_torch_pruning_mis_traces():
+    """ShuffleNetV2's view/transpose shuffle: torch-pruning builds some groups whose indices
+    run past a layer's channels (pruning crashed with IndexError in its importance step).
+    Those layers are skipped with a note; every other group is pruned and the net runs."""
+    from zoo.shufflenet import ShuffleNetV2
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2().eval()
+    x = torch.randn(2, 1, 16, 16)
+    pruned, rep = prune_model(model, PruneConfig(ratio=0.3), x[:1])
+    check_same_io(model, pruned, x)
+    skipped = sorted(n.split()[1].rstrip(":") for n in rep.notes if "cannot trace" in n)
+    assert skipped == ["stage2.1.branch2.5", "stage3.0.branch1.0", "stage3.1.branch2.5"]
+    assert 0.5 < rep.after["params"] / rep.before["params"] < 0.9
+    assert rep.after["macs"] < 0.8 * rep.before["macs"]
+    for m in pruned.modules():  # depthwise convs still have one group per channel
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels
+
+
 def test_mlp_exact_neuron_counts_and_iterative_steps_agree():
     model = create_model("mlp_tiny").eval()
     one, _ = prune_model(model, PruneConfig(ratio=0.5), X8)
