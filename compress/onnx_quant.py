@@ -79,21 +79,33 @@ def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
     spec = resolve(inputs, model=model)
     if isinstance(model, ExportedModule):  # export the graph itself: it has named inputs
         model = model.graph
-    example = spec.example(1)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    # Traced at batch 1, torch.export specialises the batch axis of some ops (an LSTM's
+    # hidden state) and the exporter silently falls back to a graph fixed at batch 1; at
+    # batch 2 the axis stays dynamic. Batch 1 remains the fallback for models that fix it.
     try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                model, example, str(path), input_names=input_names(model, len(example)),
-                output_names=[OUTPUT], dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes=tuple({0: batch} for _ in example),
-            )
+        _export(model, spec.example(2), path)
+        if fixed_batch(path) is None:
+            return _strip_debug_info(path)
+    except Exception:  # retried at batch 1 below, whose error is the one reported
+        pass
+    try:
+        _export(model, spec.example(1), path)
     except Exception as exc:  # the exporter raises many types; its reason is what matters
         raise TorchslimError(
             f"cannot export the model to ONNX: {_root_cause(exc)}; make forward() traceable "
             "by torch.export (no data-dependent Python control flow)"
         ) from exc
     return _strip_debug_info(path)
+
+
+def _export(model: nn.Module, example: tuple, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            model, example, str(path), input_names=input_names(model, len(example)),
+            output_names=[OUTPUT], dynamo=True, external_data=False, verbose=False,
+            dynamic_shapes=tuple({0: batch} for _ in example),
+        )
 
 
 def input_names(model: nn.Module, n: int) -> list[str]:
