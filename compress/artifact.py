@@ -81,8 +81,13 @@ def export_program(model: nn.Module, spec: InputSpec):
 def _write_exported(model, path, meta, spec, force, inputs) -> Path:
     program = export_program(model, spec)
     extra = {META_FILE: json.dumps(meta.to_dict())}
-    return atomic_write(path, lambda t: torch.export.save(program, str(t), extra_files=extra),
-                        force=force, inputs=inputs)
+    # saved under a .pt2 name first: torch.export.save warns about any other suffix, and
+    # atomic_write's temporary file ends in .tmp
+    with tempfile.TemporaryDirectory(prefix="torchslim-export-") as tmp:
+        raw = Path(tmp) / "model.pt2"
+        torch.export.save(program, str(raw), extra_files=extra)
+        return atomic_write(path, lambda t: t.write_bytes(raw.read_bytes()), force=force,
+                            inputs=inputs)
 
 
 def load_exported(path: Path, size: int, trust: bool) -> LoadedModel:
