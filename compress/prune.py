@@ -230,12 +230,11 @@ def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
     for m in list(dg.module2node):
         if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or id(m) in skip:
             continue
-        pruner = dg.get_pruner_of_module(m)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                group = dg.get_pruning_group(m, pruner.prune_out_channels,
-                                             list(range(pruner.get_out_channels(m))))
+                group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels,
+                                             list(range(dg.get_out_channels(m))))
         except Exception:
             bad.append(dg._module2name[m])
             continue
@@ -249,12 +248,12 @@ def _indices_fit(dg, group) -> bool:
     maps indices through a view/transpose channel shuffle wrongly (ShuffleNet): such a
     group would fail in the importance step or mis-slice the layers it reaches."""
     for dep, idxs in group:
-        layer = dep.target.module
-        pruner = dg.get_pruner_of_module(layer)
-        if pruner is None or not len(idxs):
+        if dg.get_pruner_of_module(dep.target.module) is None or not len(idxs):
             continue
+        # through the graph, with the node: torch-pruning's pruners are shared objects whose
+        # pruning_dim is set per call (asked directly, they answer for the last tensor seen)
         out = dg.is_out_channel_pruning_fn(dep.handler)
-        size = pruner.get_out_channels(layer) if out else pruner.get_in_channels(layer)
+        size = dg.get_out_channels(dep.target) if out else dg.get_in_channels(dep.target)
         if size is not None and max(int(i) for i in idxs) >= size:
             return False
     return True

@@ -197,6 +197,24 @@ def test_channel_shuffle_skips_the_groups_torch_pruning_mis_traces():
             assert m.groups == m.in_channels == m.out_channels
 
 
+def test_the_plan_does_not_depend_on_the_model_pruned_before():
+    """torch-pruning's pruners are shared objects whose pruning_dim is set per call. Read
+    directly after ConvNeXt's vectors (dim 0), the transformer's (1, 16, 32) positional
+    embedding looked 1 wide and three of its layers were skipped as untraceable."""
+    from zoo.convnext import ConvNeXt
+    from zoo.txencoder import SeqTransformer
+
+    x = torch.randn(1, 16, 32)
+    torch.manual_seed(0)
+    first, _ = prune_model(SeqTransformer().eval(), PruneConfig(ratio=0.3), x)
+    prune_model(ConvNeXt().eval(), PruneConfig(ratio=0.3), torch.randn(1, 1, 16, 16))
+    torch.manual_seed(0)
+    again, rep = prune_model(SeqTransformer().eval(), PruneConfig(ratio=0.3), x)
+    assert not [n for n in rep.notes if "cannot trace" in n]
+    assert [p.shape for p in again.parameters()] == [p.shape for p in first.parameters()]
+    assert again.pos.shape == (1, 16, 4 * 5)  # each of 4 heads keeps floor(0.7 * 8) dims
+
+
 def test_mlp_exact_neuron_counts_and_iterative_steps_agree():
     model = create_model("mlp_tiny").eval()
     one, _ = prune_model(model, PruneConfig(ratio=0.5), X8)
