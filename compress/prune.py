@@ -180,10 +180,16 @@ def _unsupported_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((name, m))
         elif _own_params(m) and not any(True for _ in m.children()):
             # A container's own parameters (e.g. a position embedding) are fine: torch-
-            # pruning prunes them as "unwrapped" tensors. A custom leaf layer is not.
-            if tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
+            # pruning prunes them as "unwrapped" tensors. A custom leaf layer is not, unless
+            # its weights are vectors: a hand-written LayerNorm/scale over channels (as in
+            # ConvNeXt) is pruned with its channels; kept whole, it broke the pruned model.
+            if tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE and not _vectors_only(m):
                 out.append((name, m))
     return out
+
+
+def _vectors_only(m: nn.Module) -> bool:
+    return all(p.dim() == 1 for p in m.parameters(recurse=False))
 
 
 def make_plan(model: nn.Module, example: torch.Tensor, ignore=()) -> _Plan:

@@ -197,6 +197,24 @@ def test_channel_shuffle_skips_the_groups_torch_pruning_mis_traces():
             assert m.groups == m.in_channels == m.out_channels
 
 
+def test_hand_written_channel_layernorm_shrinks_with_its_channels():
+    """ConvNeXt's own channels-first LayerNorm is a custom leaf holding two vectors. It
+    was skipped while its channels were pruned anyway, and the pruned net failed (size 16
+    vs 11); now its vectors are pruned with the conv that feeds them."""
+    from zoo.convnext import ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt().eval()
+    x = torch.randn(2, 1, 16, 16)
+    pruned, rep = prune_model(model, PruneConfig(ratio=0.3), x[:1])
+    check_same_io(model, pruned, x)
+    stem, norm = pruned.downsample_layers[0]
+    assert stem.out_channels == 11 == 16 - int(0.3 * 16 + 0.5)  # floor(0.7 * 16) kept
+    assert norm.weight.shape == norm.bias.shape == pruned.stages[0][0].gamma.shape == (11,)
+    assert not any("LayerNorm" in n for n in rep.notes)
+    assert rep.after["macs"] < 0.6 * rep.before["macs"]
+
+
 def test_the_plan_does_not_depend_on_the_model_pruned_before():
     """torch-pruning's pruners are shared objects whose pruning_dim is set per call. Read
     directly after ConvNeXt's vectors (dim 0), the transformer's (1, 16, 32) positional
