@@ -65,17 +65,25 @@ def _write_onnx(model, path, meta, spec, force, inputs) -> Path:
 
 
 def export_program(model: nn.Module, spec: InputSpec):
-    """torch.export with a dynamic batch axis; errors name torch.export's own reason."""
-    from .onnx_quant import _root_cause
+    """torch.export with a dynamic batch axis; errors name torch.export's own reason. The
+    program is turned back into a module once, as loading it will: one that cannot be
+    (a submodule named like a GraphModule attribute) is refused here, not written."""
+    from .onnx_quant import _root_cause, export_advice
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with torch.no_grad():
-            return torch.export.export(model.eval(), spec.example(2),  # batch 1 would specialise
-                                       dynamic_shapes=tuple({0: batch} for _ in spec.tensors))
+            program = torch.export.export(model.eval(), spec.example(2),  # 1 would specialise
+                                          dynamic_shapes=tuple({0: batch} for _ in spec.tensors))
+            program.module()
+            return program
     except Exception as exc:  # torch.export raises many types; its reason is what matters
-        raise TorchslimError(f"cannot export the model with torch.export: {_root_cause(exc)}; "
-                             "write .onnx or .pt instead") from exc
+        reason = _root_cause(exc)
+        advice = export_advice(reason)
+        if advice.startswith("make forward"):
+            advice = "write .onnx or .pt instead"
+        raise TorchslimError(f"cannot export the model with torch.export: {reason}; "
+                             f"{advice}") from exc
 
 
 def _write_exported(model, path, meta, spec, force, inputs) -> Path:

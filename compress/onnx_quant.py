@@ -91,10 +91,9 @@ def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
     try:
         _export(model, spec.example(1), path)
     except Exception as exc:  # the exporter raises many types; its reason is what matters
+        reason = _root_cause(exc)
         raise TorchslimError(
-            f"cannot export the model to ONNX: {_root_cause(exc)}; make forward() traceable "
-            "by torch.export (no data-dependent Python control flow)"
-        ) from exc
+            f"cannot export the model to ONNX: {reason}; {export_advice(reason)}") from exc
     return _strip_debug_info(path)
 
 
@@ -120,6 +119,22 @@ def input_names(model: nn.Module, n: int) -> list[str]:
     except (TypeError, ValueError):
         names = []
     return names if len(set(names)) == n else [f"input{i}" for i in range(n)]
+
+
+# The GraphModule torch.export builds has attributes of its own (meta, graph, code, ...); a
+# submodule of the same name cannot be put back into it (torch 2.13).
+_NAME_CLASH = re.compile(r"references nonexistent attribute \S+ of (\S+)")
+
+
+def export_advice(reason: str) -> str:
+    """What to do about a torch.export failure, from its root-cause message."""
+    clash = _NAME_CLASH.search(reason)
+    if clash:
+        name = clash.group(1).rsplit(".", 1)[-1]
+        return (f"the model has a submodule named {name!r}, a name torch.export's GraphModule "
+                f"uses itself; rename that attribute in your model (e.g. self.{name}_net) "
+                "and save it again, or write .pt")
+    return "make forward() traceable by torch.export (no data-dependent Python control flow)"
 
 
 def _root_cause(exc: BaseException) -> str:
