@@ -87,6 +87,15 @@ class _LiveTable:
     def stage(self, text: str) -> None:
         stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
 
+    def __enter__(self) -> _LiveTable:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.__exit__(*exc)
+        if not stderr_console.is_terminal:  # rich ends the table with a newline only on a
+            stderr_console.line()  # terminal; in a log the next line was glued to it
+
 
 def report_paths(output: Path) -> tuple[Path, Path]:
     """The markdown and JSON reports written beside the output."""
@@ -171,7 +180,7 @@ def register(app: typer.Typer) -> None:
             dump_recipe(configs, dump_recipe_to, force=force)
         table = _LiveTable()
         hooks = Hooks(stage=table.stage, step=table.step, training=fit_progress)
-        with table.live:
+        with table:
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
                                   min_run_time=min_time, force=force, hooks=hooks,
                                   inputs=load.inputs)
