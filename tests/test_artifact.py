@@ -4,7 +4,6 @@ written half-working."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from torchslim.compress.artifact import write_model
