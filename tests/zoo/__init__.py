@@ -1,8 +1,9 @@
 """Architectures written the way users and other libraries write them, outside torchslim:
 one module per family (tests/zoo/<name>.py), each a plain user module with ``build()``
 plus what the suite needs: ``INPUTS`` (forward's inputs as CLI flags), ``DATA`` (its data
-kind, see data.py), ``EPOCHS`` (how long the "user" trains it; 0 = saved as initialised)
-and ``hand_count(c)`` (its parameters and MACs by hand, see count.py).
+kind, see data.py), ``EPOCHS`` and optionally ``LR`` (how the "user" trains it: briefly,
+but enough that int8-vs-fp32 agreement means something) and ``hand_count(c)`` (its
+parameters and MACs by hand, see count.py).
 
 tests/test_zoo.py and examples/zoo_matrix.py run every family in FAMILIES; adding an
 architecture is its module plus one line here.
