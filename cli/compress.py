@@ -104,6 +104,15 @@ class _LiveTable:
     def stage(self, text: str) -> None:
         stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
 
+    def __enter__(self) -> _LiveTable:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.__exit__(*exc)
+        if not stderr_console.is_terminal:  # rich ends the table with a newline only on a
+            stderr_console.line()  # terminal; in a log the next line was glued to it
+
 
 def report_paths(output: Path) -> tuple[Path, Path]:
     """The markdown and JSON reports written beside the output."""

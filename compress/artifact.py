@@ -65,23 +65,36 @@ def _write_onnx(model, path, meta, spec, force, inputs) -> Path:
 
 
 def export_program(model: nn.Module, spec: InputSpec):
-    """torch.export with a dynamic batch axis; errors name torch.export's own reason."""
-    from .onnx_quant import _root_cause, export_args
+    """torch.export with a dynamic batch axis; errors name torch.export's own reason. The
+    program is turned back into a module once, as loading it will: one that cannot be is
+    refused here, not written."""
+    from .onnx_quant import _root_cause, export_advice, export_args
 
     root, example, dynamic = export_args(model, spec)
     try:
         with torch.no_grad():
-            return torch.export.export(root, example, dynamic_shapes=dynamic)
+            program = torch.export.export(root, example, dynamic_shapes=dynamic)
+            program.module()
+            return program
     except Exception as exc:  # torch.export raises many types; its reason is what matters
-        raise TorchslimError(f"cannot export the model with torch.export: {_root_cause(exc)}; "
-                             "write .onnx or .pt instead") from exc
+        reason = _root_cause(exc)
+        advice = export_advice(reason)
+        if advice.startswith("make forward"):
+            advice = "write .onnx or .pt instead"
+        raise TorchslimError(f"cannot export the model with torch.export: {reason}; "
+                             f"{advice}") from exc
 
 
 def _write_exported(model, path, meta, spec, force, inputs) -> Path:
     program = export_program(model, spec)
     extra = {META_FILE: json.dumps(meta.to_dict())}
-    return atomic_write(path, lambda t: torch.export.save(program, str(t), extra_files=extra),
-                        force=force, inputs=inputs)
+    # saved under a .pt2 name first: torch.export.save warns about any other suffix, and
+    # atomic_write's temporary file ends in .tmp
+    with tempfile.TemporaryDirectory(prefix="torchslim-export-") as tmp:
+        raw = Path(tmp) / "model.pt2"
+        torch.export.save(program, str(raw), extra_files=extra)
+        return atomic_write(path, lambda t: t.write_bytes(raw.read_bytes()), force=force,
+                            inputs=inputs)
 
 
 def load_exported(path: Path, size: int, trust: bool) -> LoadedModel:

@@ -102,21 +102,38 @@ def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
     ``inputs`` is an InputSpec (or a (C, H, W) shape for one float image input). A single
     input is named ``input``; several keep ``forward``'s parameter names.
     """
+    from .artifact import ExportedModule
+
     spec = resolve(inputs, model=model)
+    if isinstance(model, ExportedModule):  # a loaded .pt2: its graph has named inputs
+        model = model.graph
     names = input_names(model, len(spec.tensors))
     root, example, dynamic = export_args(model, spec)
+    # At batch 2 the batch axis stays dynamic; at batch 1 torch.export specialises some ops
+    # (an LSTM's hidden state) and the exporter silently falls back to a graph fixed at
+    # batch 1. Batch 1 remains the fallback for models that fix their batch themselves.
     try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                root, example, str(path), input_names=names, output_names=[OUTPUT],
-                dynamo=True, external_data=False, verbose=False, dynamic_shapes=dynamic,
-            )
+        _export(root, example, dynamic, names, path)
+        if fixed_batch(path) is None:
+            return _strip_debug_info(path)
+    except Exception:  # retried at batch 1 below, whose error is the one reported
+        pass
+    try:
+        _export(root, spec.example(1), dynamic, names, path)
     except Exception as exc:  # the exporter raises many types; its reason is what matters
+        reason = _root_cause(exc)
         raise TorchslimError(
-            f"cannot export the model to ONNX: {_root_cause(exc)}; make forward() traceable "
-            "by torch.export (no data-dependent Python control flow)"
-        ) from exc
+            f"cannot export the model to ONNX: {reason}; {export_advice(reason)}") from exc
     return _strip_debug_info(path)
+
+
+def _export(root: nn.Module, example: tuple, dynamic: tuple, names: list[str],
+            path: Path) -> None:
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            root, example, str(path), input_names=names, output_names=[OUTPUT],
+            dynamo=True, external_data=False, verbose=False, dynamic_shapes=dynamic,
+        )
 
 
 def input_names(model: nn.Module, n: int) -> list[str]:
@@ -131,6 +148,22 @@ def input_names(model: nn.Module, n: int) -> list[str]:
     except (TypeError, ValueError):
         names = []
     return names if len(set(names)) == n else [f"input{i}" for i in range(n)]
+
+
+# The GraphModule torch.export builds has attributes of its own (meta, graph, code, ...); a
+# submodule of the same name cannot be put back into it (torch 2.13).
+_NAME_CLASH = re.compile(r"references nonexistent attribute \S+ of (\S+)")
+
+
+def export_advice(reason: str) -> str:
+    """What to do about a torch.export failure, from its root-cause message."""
+    clash = _NAME_CLASH.search(reason)
+    if clash:
+        name = clash.group(1).rsplit(".", 1)[-1]
+        return (f"the model has a submodule named {name!r}, a name torch.export's GraphModule "
+                f"uses itself; rename that attribute in your model (e.g. self.{name}_net) "
+                "and save it again, or write .pt")
+    return "make forward() traceable by torch.export (no data-dependent Python control flow)"
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -183,10 +183,16 @@ def _unsupported_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((name, m))
         elif _own_params(m) and not any(True for _ in m.children()):
             # A container's own parameters (e.g. a position embedding) are fine: torch-
-            # pruning prunes them as "unwrapped" tensors. A custom leaf layer is not.
-            if tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE:
+            # pruning prunes them as "unwrapped" tensors. A custom leaf layer is not, unless
+            # its weights are vectors: a hand-written LayerNorm/scale over channels (as in
+            # ConvNeXt) is pruned with its channels; kept whole, it broke the pruned model.
+            if tp.ops.module2type(m) == tp.ops.OPTYPE.ELEMENTWISE and not _vectors_only(m):
                 out.append((name, m))
     return out
+
+
+def _vectors_only(m: nn.Module) -> bool:
+    return all(p.dim() == 1 for p in m.parameters(recurse=False))
 
 
 def make_plan(model: nn.Module, example: torch.Tensor, ignore=(), cfg=None) -> _Plan:
@@ -244,7 +250,8 @@ def _build_graph(model, example, ignored):
 
 def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
     """Names of layers whose pruning group torch-pruning fails to build (e.g. a Linear
-    feeding a GRU): they are skipped instead of crashing the whole run."""
+    feeding a GRU) or builds wrong (indices past a layer's channels, as behind a channel
+    shuffle): they are skipped instead of crashing the whole run."""
     try:
         dg = _build_graph(model.eval(), example, ignored)
     except Exception as exc:  # the graph itself cannot be traced: nothing can be pruned
@@ -259,10 +266,30 @@ def _untraceable_roots(model, example, ignored, num_heads) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+                group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels,
+                                             list(range(dg.get_out_channels(m))))
         except Exception:
             bad.append(dg._module2name[m])
+            continue
+        if not _indices_fit(dg, group):
+            bad.append(dg._module2name[m])
     return bad
+
+
+def _indices_fit(dg, group) -> bool:
+    """Whether every layer in ``group`` has the channels its indices name. torch-pruning
+    maps indices through a view/transpose channel shuffle wrongly (ShuffleNet): such a
+    group would fail in the importance step or mis-slice the layers it reaches."""
+    for dep, idxs in group:
+        if dg.get_pruner_of_module(dep.target.module) is None or not len(idxs):
+            continue
+        # through the graph, with the node: torch-pruning's pruners are shared objects whose
+        # pruning_dim is set per call (asked directly, they answer for the last tensor seen)
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        size = dg.get_out_channels(dep.target) if out else dg.get_in_channels(dep.target)
+        if size is not None and max(int(i) for i in idxs) >= size:
+            return False
+    return True
 
 
 # --- structured pruning ---------------------------------------------------------------

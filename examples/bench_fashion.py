@@ -8,7 +8,10 @@ Fashion-MNIST small CNNs reach about 88-92 %, so a careless compression shows. E
 - PDLightModel alone: the seed's hand-made MobileNetV2-style model, same training;
 - torchslim hand recipe: the demo's pipeline on that seed's PDModel (swap to
   depthwise-separable, prune 0.4 of the channels, distil from PDModel, QAT int8 in ONNX
-  Runtime); ``--recipe`` picks other recipes from RECIPES.
+  Runtime); ``--recipe`` picks other recipes from RECIPES;
+- torchslim's goal-driven search, ``torchslim compress PDModel.pt --max-acc-drop 0.5``
+  (and 1.0) with ``--objective size`` and a ``--search-budget`` time budget, run as the
+  command a user types.
 
 Every row is measured in this run: file size, params, MACs (one forward pass), batch-1
 latency in torch eager and in ONNX Runtime fp32/int8 (all artifacts timed together at the
@@ -32,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +82,10 @@ class Context:
         a = self.args
         tag = (f"{a.size}px-e{a.epochs}-b{a.batch_size}-lr{a.lr:g}-"
                f"{'aug' if a.augment else 'noaug'}-n{a.train_limit or 'all'}")
-        tag += f"-d{a.distill_epochs}-q{a.qat_epochs}" if ap.needs else ""
+        if ap.key.startswith("search"):
+            tag += f"-t{a.search_budget}"
+        elif ap.needs:
+            tag += f"-d{a.distill_epochs}-q{a.qat_epochs}"
         return self.workdir / f"{ap.key}-{tag}-s{seed}{ap.suffix}"
 
     def approach(self, key: str) -> Approach:
@@ -151,6 +159,32 @@ def torchslim_recipe(name: str) -> Callable[[Context, int, Path], None]:
     return run
 
 
+def goal_search(drop: float) -> Callable[[Context, int, Path], None]:
+    """`torchslim compress --max-acc-drop DROP` on this seed's PDModel, run as a user runs
+    it (a subprocess), on the same data and input size; its log is kept beside the file."""
+
+    def run(ctx: Context, seed: int, out: Path) -> None:
+        a = ctx.args
+        teacher = ctx.artifact(ctx.approach("pd_model"), seed)
+        cmd = [sys.executable, "-m", "torchslim", "compress", str(teacher),
+               "--data", "fashion-mnist", "--image-size", f"{a.size},{a.size}",
+               "--max-acc-drop", f"{drop:g}", "--objective", "size",
+               "--time-budget", a.search_budget, "--seed", str(seed), "--threads", "1",
+               "--workdir", str(out.with_suffix(".search")), "--force", "-o", str(out)]
+        if a.train_limit:
+            cmd += ["--train-limit", str(a.train_limit)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.train_threads), "COLUMNS": "160"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out.with_name(out.name + ".log").write_text(done.stdout + done.stderr)
+        # exit 1 = goal not met: the best candidate is still written, and the table shows it
+        if done.returncode not in (0, 1) or not out.exists():
+            raise RuntimeError(f"search exited {done.returncode}: {done.stderr[-800:]}")
+        log(f"  search {drop:g} seed {seed}: exit {done.returncode}; "
+            + " ".join(done.stdout.split()[-40:]))
+
+    return run
+
+
 @dataclass
 class Approach:
     key: str  # file names and --only
@@ -169,6 +203,9 @@ def approaches(args) -> list[Approach]:
     for name in args.recipe:
         rows.append(Approach(f"recipe-{name}", f"torchslim hand recipe ({name})",
                              torchslim_recipe(name), suffix=".onnx", needs=("pd_model",)))
+    for drop in args.search:
+        rows.append(Approach(f"search-{drop:g}", f"torchslim search --max-acc-drop {drop:g}",
+                             goal_search(drop), suffix=".onnx", needs=("pd_model",)))
     return rows
 
 
@@ -396,6 +433,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeat-within", type=float, default=1.5,
                    help="repeat the other seeds for approaches this close to PDModel (points)")
     p.add_argument("--recipe", action="append", choices=sorted(RECIPES), default=None)
+    p.add_argument("--search", type=lambda s: [float(v) for v in s.split(",") if v],
+                   default=[0.5, 1.0], help="--max-acc-drop values to search for ('' = none)")
+    p.add_argument("--search-budget", default="10m", help="--time-budget of each search")
     p.add_argument("--only", help="comma-separated approach keys (plus what they need)")
     p.add_argument("--threads", type=int, default=2, help="threads for latency")
     p.add_argument("--jobs", type=int, default=2,
@@ -413,6 +453,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.train_limit, args.epochs, args.distill_epochs, args.qat_epochs = 2000, 1, 1, 1
         args.seeds, args.rounds, args.min_run_time = args.seeds[:1], 1, 0.3
+        args.search_budget = "2m"
     return args
 
 

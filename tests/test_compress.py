@@ -78,6 +78,8 @@ def test_data_free_path_reports_fidelity(trained_tiny, tmp_path):
     res = _compress(trained_tiny, "-o", out, "--quantize", "fp16")
     assert res.exit_code == 0, res.output
     assert "no --data" in res.stderr
+    # the live table ends its line off a terminal too: "wrote ..." is a line of its own
+    assert any(line.startswith("wrote ") for line in res.stderr.splitlines())
     steps = json.loads((tmp_path / "fp16.report.json").read_text())
     assert steps[1]["accuracy"] is None
     assert steps[1]["fidelity_top1_agreement"] >= 99.0  # fp16 barely moves the logits

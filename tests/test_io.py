@@ -160,3 +160,25 @@ def test_user_class_is_saved_and_needs_trust_to_reload(tmp_path):
     assert loaded.kind == "torchslim" and loaded.meta.requires[0].endswith("UserNet")
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_pt2_output_round_trips_quietly(tmp_path, caplog):
+    """A .pt2 is saved under a .pt2 name before its atomic rename (torch.export.save
+    logged a warning about the temporary file's suffix), and reloads with --trust."""
+    import logging
+
+    from torchslim.compress.artifact import write_model
+    from torchslim.compress.inputs import InputSpec
+
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    with caplog.at_level(logging.WARNING):
+        path = write_model(model, tmp_path / "m.pt2", ModelMeta(),
+                           spec=InputSpec.parse(["1,64"]))
+    assert not [r for r in caplog.records if ".pt2" in r.getMessage()]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary file left
+    loaded = load_model(path, trust=True)
+    x = torch.randn(3, 64)
+    assert loaded.kind == "exported"
+    assert loaded.meta.input_spec().texts() == ["1,64:float32"]
+    torch.testing.assert_close(loaded.model(x), model(x))

@@ -177,6 +177,62 @@ def test_registry_lstm_reports_nothing_prunable():
     assert any("nothing was pruned" in n for n in rep.notes)
 
 
+def test_channel_shuffle_skips_the_groups_torch_pruning_mis_traces():
+    """ShuffleNetV2's view/transpose shuffle: torch-pruning builds some groups whose indices
+    run past a layer's channels (pruning crashed with IndexError in its importance step).
+    Those layers are skipped with a note; every other group is pruned and the net runs."""
+    from zoo.shufflenet import ShuffleNetV2
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2().eval()
+    x = torch.randn(2, 1, 16, 16)
+    pruned, rep = prune_model(model, PruneConfig(ratio=0.3), x[:1])
+    check_same_io(model, pruned, x)
+    skipped = sorted(n.split()[1].rstrip(":") for n in rep.notes if "cannot trace" in n)
+    assert skipped == ["stage2.1.branch2.5", "stage3.0.branch1.0", "stage3.1.branch2.5"]
+    assert 0.5 < rep.after["params"] / rep.before["params"] < 0.9
+    assert rep.after["macs"] < 0.8 * rep.before["macs"]
+    for m in pruned.modules():  # depthwise convs still have one group per channel
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels
+
+
+def test_hand_written_channel_layernorm_shrinks_with_its_channels():
+    """ConvNeXt's own channels-first LayerNorm is a custom leaf holding two vectors. It
+    was skipped while its channels were pruned anyway, and the pruned net failed (size 16
+    vs 11); now its vectors are pruned with the conv that feeds them."""
+    from zoo.convnext import ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt().eval()
+    x = torch.randn(2, 1, 16, 16)
+    pruned, rep = prune_model(model, PruneConfig(ratio=0.3), x[:1])
+    check_same_io(model, pruned, x)
+    stem, norm = pruned.downsample_layers[0]
+    assert stem.out_channels == 11 == 16 - int(0.3 * 16 + 0.5)  # floor(0.7 * 16) kept
+    assert norm.weight.shape == norm.bias.shape == pruned.stages[0][0].gamma.shape == (11,)
+    assert not any("LayerNorm" in n for n in rep.notes)
+    assert rep.after["macs"] < 0.6 * rep.before["macs"]
+
+
+def test_the_plan_does_not_depend_on_the_model_pruned_before():
+    """torch-pruning's pruners are shared objects whose pruning_dim is set per call. Read
+    directly after ConvNeXt's vectors (dim 0), the transformer's (1, 16, 32) positional
+    embedding looked 1 wide and three of its layers were skipped as untraceable."""
+    from zoo.convnext import ConvNeXt
+    from zoo.txencoder import SeqTransformer
+
+    x = torch.randn(1, 16, 32)
+    torch.manual_seed(0)
+    first, _ = prune_model(SeqTransformer().eval(), PruneConfig(ratio=0.3), x)
+    prune_model(ConvNeXt().eval(), PruneConfig(ratio=0.3), torch.randn(1, 1, 16, 16))
+    torch.manual_seed(0)
+    again, rep = prune_model(SeqTransformer().eval(), PruneConfig(ratio=0.3), x)
+    assert not [n for n in rep.notes if "cannot trace" in n]
+    assert [p.shape for p in again.parameters()] == [p.shape for p in first.parameters()]
+    assert again.pos.shape == (1, 16, 4 * 5)  # each of 4 heads keeps floor(0.7 * 8) dims
+
+
 def test_mlp_exact_neuron_counts_and_iterative_steps_agree():
     model = create_model("mlp_tiny").eval()
     one, _ = prune_model(model, PruneConfig(ratio=0.5), X8)

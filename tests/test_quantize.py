@@ -131,6 +131,19 @@ def test_dynamic_sequence_models_small_and_close(arch, digits, tmp_path):
     assert res.int8_ops.get(key, 0) >= 1
 
 
+def test_lstm_exports_with_a_dynamic_batch_axis(tmp_path):
+    """Traced at batch 1, torch.export specialised the LSTM's batch axis and the exporter
+    silently wrote a graph fixed at batch 1; exported at batch 2 the axis stays dynamic."""
+    torch.manual_seed(0)
+    model = create_model("lstm", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
+    path = oq.export_onnx(model, (1, 8, 8), tmp_path / "f.onnx")
+    assert oq.fixed_batch(path) is None
+    x = torch.randn(5, 1, 8, 8)
+    out = oq.session(path).run(None, {oq.INPUT: x.numpy()})[0]  # one call at batch 5
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode,atol,max_ratio", [("fp16", 2e-3, 0.55), ("bf16", 3e-2, 0.55)])
 def test_half_precision_outputs_close(mode, atol, max_ratio, digits, tmp_path):
     torch.manual_seed(0)
