@@ -221,3 +221,18 @@ def test_cli_trains_on_an_idx_folder(tmp_path):
     assert result.exit_code == 0, result.output
     top1 = float(result.output.split("best validation top-1 ")[1].split("%")[0])
     assert top1 >= 90.0 and out.exists()
+
+
+def test_cli_train_limit_keeps_a_stratified_subset(tmp_path):
+    from typer.testing import CliRunner
+
+    from torchslim.cli.app import app
+
+    write_folder(tmp_path / "fm", n_train=30)
+    args = ["train", "mlp_tiny", "--data", str(tmp_path / "fm"), "--epochs", "1",
+            "--train-limit", "12", "-o", str(tmp_path / "m.pt")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "12 train / 24 val / 12 test" in " ".join(result.output.split())
+    bad = CliRunner().invoke(app, [*args[:-4], "--train-limit", "0", "-o", str(tmp_path / "n.pt")])
+    assert bad.exit_code == 2 and not (tmp_path / "n.pt").exists()
