@@ -107,6 +107,7 @@ def run_goal(o: dict) -> None:
     split = search_split(base, cfg.test_share, cfg.seed)
     stderr_console.print(f"[dim]{split.describe()} (validation chooses, test reports; both "
                          "held out from training)[/]")
+    _warn_if_coarse(split, cfg.max_acc_drop)
     space = None
     if o["recipe"] is not None and any(o[k] for k in ("swap", "act", "prune", "quantize")):
         raise UsageError("give steps either as flags or as --recipe, not both")
@@ -122,6 +123,18 @@ def run_goal(o: dict) -> None:
     with (nullcontext(str(keep)) if keep else
           tempfile.TemporaryDirectory(prefix=".torchslim-search-", dir=output.parent)) as wd:
         _search_and_write(o, cfg, loaded, teacher, split, Path(wd), space)
+
+
+def _warn_if_coarse(split, max_drop: float) -> None:
+    """Say when one sample is worth more than the guard: the goal then means "no sample
+    lost, net", and splits that small disagree by a few samples by chance."""
+    n = min(len(split.val), len(split.test))
+    if 100.0 / n > max_drop:
+        stderr_console.print(
+            f"[yellow]warning:[/] one sample is {100.0 / n:.2f} points of the {n}-sample "
+            f"validation/test halves, more than --max-acc-drop {max_drop:g}: the guard means "
+            "no sample lost, net, and halves this small differ by a few samples by chance; "
+            "hold out more data for a finer guard", highlight=False)
 
 
 def _context(o, cfg, loaded, teacher, split, workdir: Path) -> Context:
