@@ -177,10 +177,16 @@ def _swap_convs(model, cfg, example_inputs, report) -> None:
     convs = swappable_convs(model, cfg)
     if not convs:
         total = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        if not total:
+            raise TorchslimError(
+                "no convolution to swap: the model has no Conv2d; use --conv none with "
+                "--act or --linear low-rank for activation/linear swaps"
+            )
         raise TorchslimError(
             f"no convolution to swap: the model has {total} Conv2d but none is a standard "
-            f"KxK conv with >= {cfg.min_channels} input channels outside --skip; "
-            "lower --min-channels, or use --conv none for activation/linear swaps only"
+            f"KxK conv with >= {cfg.min_channels} input channels outside --skip (already "
+            "depthwise-separable or grouped); lower --min-channels, or use --conv none for "
+            "activation/linear swaps only"
         )
     original = copy.deepcopy(model).eval() if example_inputs is not None else None
     for name, conv in convs:

@@ -172,6 +172,8 @@ def test_swap_pt_and_onnx_or_a_clear_refusal(user, name):
     if not _standard_convs(name):  # already separable (or no convs): nothing to swap
         assert res.code == 1 and res.outcome == "refused"
         assert res.message.startswith("no convolution to swap")
+        convs = any(isinstance(m, nn.Conv2d) for m in project.family(name).build().modules())
+        assert ("has no Conv2d" in res.message) != convs
         assert not (out / "s.pt").exists()
         return
     _ok(res)
