@@ -2,8 +2,8 @@
 
 Lays out a user's project (tests/zoo: ResNet, VGG-BN, DenseNet, SqueezeNet, ConvNeXt,
 MobileNetV2/V3, EfficientNet, RegNet, ShuffleNetV2, FaultNet, an LSTM text classifier, a
-Transformer encoder, a two-input model), saves each as a full pickle from a separate
-process, then runs torchslim's CLI on each one from that folder with only --trust:
+Transformer encoder, a two-input model, a timm-style ViT), saves each as a full pickle from
+a separate process, then runs torchslim's CLI on each one from that folder with only --trust:
 
     report | prune --ratio 0.3 (-o .pt, .onnx, .pt2) | swap (-o .pt, .onnx, .pt2)
     | swap --conv none --act hard | quantize --mode static / dynamic --data

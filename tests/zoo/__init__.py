@@ -24,4 +24,5 @@ FAMILIES = (
     "lstm_text",     # Embedding -> 2-layer LSTM -> Linear, (B, 20) int64 token ids
     "txencoder",     # nn.TransformerEncoder over (B, 16, 32) floats
     "twoinput",      # an image and a feature vector
+    "vit",           # timm-style ViT: patch conv, class token, position embedding, fused qkv
 )

@@ -191,3 +191,30 @@ class SeqTransformer(nn.Module):
 
     def forward(self, x):  # (B, 16, 32)
         return self.head(self.encoder(x + self.pos).mean(dim=1))
+
+
+# --- as a zoo family (tests/test_zoo.py): the timm-style ViT on 16x16 digits ---------------
+def build():
+    return ViT(img_size=16, patch=4, dim=32, depth=2, num_heads=4)
+
+
+INPUTS = ["--input-shape", "1,16,16"]
+DATA = "digits16"
+EPOCHS = 8
+
+
+def hand_count(c):
+    n = (16 // 4) ** 2 + 1  # 16 patches and the class token
+    c.conv(1, 32, 4, 4, bias=True)  # patch embedding: 4x4 patches, a 4x4 map of them
+    c.param(32)  # class token
+    c.param(n * 32)  # position embedding
+    for _ in range(2):
+        c.norm(32)
+        c.linear(32, 3 * 32, tokens=n)  # fused qkv
+        c.attention(32, n)
+        c.linear(32, 32, tokens=n)  # proj
+        c.norm(32)
+        c.linear(32, 64, tokens=n)  # mlp
+        c.linear(64, 32, tokens=n)
+    c.norm(32)
+    c.linear(32, 10)  # head, on the class token only
