@@ -173,6 +173,20 @@ def swappable_convs(model: nn.Module, cfg: SwapConfig) -> list[tuple[str, nn.Con
     ]
 
 
+def _why_not(model: nn.Module, cfg: SwapConfig) -> str:
+    """Why each Conv2d was passed over, counted: grouped, 1x1, too few inputs, skipped."""
+    reasons: dict[str, int] = {}
+    for m in model.modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        why = ("grouped or depthwise" if m.groups != 1 else
+               "1x1" if max(m.kernel_size) == 1 else
+               f"< {cfg.min_channels} inputs" if m.in_channels < cfg.min_channels else
+               "skipped")
+        reasons[why] = reasons.get(why, 0) + 1
+    return ", ".join(f"{n} {why}" for why, n in reasons.items())
+
+
 def _swap_convs(model, cfg, example_inputs, report) -> None:
     convs = swappable_convs(model, cfg)
     if not convs:
@@ -184,8 +198,8 @@ def _swap_convs(model, cfg, example_inputs, report) -> None:
             )
         raise TorchslimError(
             f"no convolution to swap: the model has {total} Conv2d but none is a standard "
-            f"KxK conv with >= {cfg.min_channels} input channels outside --skip (already "
-            "depthwise-separable or grouped); lower --min-channels, or use --conv none for "
+            f"KxK conv with >= {cfg.min_channels} input channels outside --skip "
+            f"({_why_not(model, cfg)}); lower --min-channels, or use --conv none for "
             "activation/linear swaps only"
         )
     original = copy.deepcopy(model).eval() if example_inputs is not None else None
