@@ -116,8 +116,9 @@ class _LiveTable:
 
 def report_paths(output: Path) -> tuple[Path, Path]:
     """The markdown and JSON reports written beside the output."""
-    stem = output.with_suffix("")
-    return stem.with_suffix(".report.md"), stem.with_suffix(".report.json")
+    # with_name, not with_suffix: "model-v1.2.onnx" keeps its "v1.2"
+    return (output.with_name(f"{output.stem}.report.md"),
+            output.with_name(f"{output.stem}.report.json"))
 
 
 def _write_reports(result, rows: list[dict], force: bool) -> list[Path]:

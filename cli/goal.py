@@ -81,8 +81,9 @@ def goal_options(model: Path, output: Path, data: str, **kw) -> dict:
 
 
 def pareto_paths(output: Path) -> tuple[Path, Path]:
-    stem = output.with_suffix("")
-    return stem.with_suffix(".pareto.json"), stem.with_suffix(".pareto.png")
+    # with_name, not with_suffix: "model-v1.2.onnx" keeps its "v1.2"
+    return (output.with_name(f"{output.stem}.pareto.json"),
+            output.with_name(f"{output.stem}.pareto.png"))
 
 
 def run_goal(o: dict) -> None:

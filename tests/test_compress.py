@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,15 @@ def test_torchscript_input_is_refused_in_one_line(trained_tiny, tmp_path):
     assert "cannot transform a torchscript file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1  # no table, no warning before it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]
+
+
+def test_side_files_keep_a_dotted_output_name():
+    """"pd-lr0.003-s1.onnx" and "pd-lr0.003-s2.onnx" once shared "pd-lr0.report.json"."""
+    from torchslim.cli.compress import report_paths
+    from torchslim.cli.goal import pareto_paths
+
+    out = Path("runs/pd-lr0.003-s1.onnx")
+    assert [p.name for p in report_paths(out)] == ["pd-lr0.003-s1.report.md",
+                                                   "pd-lr0.003-s1.report.json"]
+    assert [p.name for p in pareto_paths(out)] == ["pd-lr0.003-s1.pareto.json",
+                                                   "pd-lr0.003-s1.pareto.png"]
