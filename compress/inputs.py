@@ -203,6 +203,17 @@ def call(model, inputs):
     return model(*as_tuple(inputs))
 
 
+def call_hooked(model, inputs, hooks) -> None:
+    """One no-grad, eval-mode pass of ``model`` with ``hooks`` (handles) installed; they are
+    removed afterwards, even if the pass fails."""
+    try:
+        with torch.no_grad():
+            call(model.eval(), inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def batch_inputs(batch: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """A (x..., y) batch from a data split -> ((x...), y)."""
     *xs, y = batch

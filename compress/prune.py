@@ -26,7 +26,7 @@ from . import measure
 from . import prune_attention as attention
 from .config import register_config
 from .errors import TorchslimError
-from .inputs import as_tuple, call
+from .inputs import as_tuple, call, call_hooked
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn-scale", "lamp", "fpgm", "random")
 UNSTRUCTURED_IMPORTANCES = ("l1", "l2", "random")
@@ -137,12 +137,7 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> nn.Module | None
         for m in model.modules()
         if _own_params(m) and not any(True for _ in m.children())  # leaves: a container's
     ]  # hook fires after its children, so it would always look last
-    try:
-        with torch.no_grad():
-            call(model.eval(), example)
-    finally:
-        for h in hooks:
-            h.remove()
+    call_hooked(model, example, hooks)
     return order[-1] if order else None
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import TorchslimError
-from .inputs import as_tuple, call
+from .inputs import as_tuple, call, call_hooked
 
 # Attribute names attention code uses for its head count, per-head width and total width
 # (timm, Hugging Face, nanoGPT/minGPT, lucidrains). nn.MultiheadAttention is pruned by
@@ -80,12 +80,7 @@ def _linear_calls(model: nn.Module, example) -> list[tuple[nn.Linear, torch.Tens
     calls: list[tuple[nn.Linear, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0])))
              for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad():
-            call(model.eval(), example)
-    finally:
-        for h in hooks:
-            h.remove()
+    call_hooked(model, example, hooks)
     return calls
 
 
