@@ -102,13 +102,9 @@ def export_onnx(model: nn.Module, inputs, path: Path) -> Path:
     ``inputs`` is an InputSpec (or a (C, H, W) shape for one float image input). A single
     input is named ``input``; several keep ``forward``'s parameter names.
     """
-    from .artifact import ExportedModule
-
     spec = resolve(inputs, model=model)
-    if isinstance(model, ExportedModule):  # a loaded .pt2: its graph has named inputs
-        model = model.graph
-    names = input_names(model, len(spec.tensors))
     root, example, dynamic = export_args(model, spec)
+    names = input_names(root.model, len(spec.tensors))  # a loaded .pt2's graph names them
     # At batch 2 the batch axis stays dynamic; at batch 1 torch.export specialises some ops
     # (an LSTM's hidden state) and the exporter silently falls back to a graph fixed at
     # batch 1. Batch 1 remains the fallback for models that fix their batch themselves.
