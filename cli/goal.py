@@ -27,6 +27,7 @@ from ..compress.search import (
     SearchConfig,
     drop,
     feasible,
+    finished,
     parse_duration,
     parse_fraction,
     precisions_for,
@@ -226,6 +227,7 @@ class _LiveTable:
         t.add_row(*self._cells(self.base), "", "", style="dim")
         for rec, resumed in self.rows:
             ok = "✓" if feasible(rec, self.base, self.cfg) else "✗"
+            ok += "" if finished(rec) else " rank"  # ranks pruning levels, never chosen
             t.add_row(*self._cells(rec), ok, "resumed" if resumed else f"{rec['seconds']:.0f}")
         return t
 

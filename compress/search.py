@@ -154,10 +154,19 @@ def feasible(rec: dict, base: dict, cfg: SearchConfig, split: str = "val") -> bo
     return drop(rec, base, split) <= cfg.max_acc_drop + 1e-9 and meets_target(rec, base, cfg)
 
 
+def finished(rec: dict) -> bool:
+    """Whether a candidate may be chosen: a short fine-tune that only ranks pruning levels
+    may not. It is under-trained, and matching the guard on a few hundred validation
+    images after 3 epochs is as often luck as merit (on digits one such candidate equalled
+    the input on validation and lost 3 of 180 test images); its full fine-tune is what
+    ships. Records of older searches have no stage and count as finished."""
+    return rec.get("stage", "final") != "rank"
+
+
 def choose(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
-    """On validation only: the best objective among feasible candidates (with a target:
-    the most accurate of those meeting it); ties go to the other criterion."""
-    ok = [r for r in records if feasible(r, base, cfg)]
+    """On validation only: the best objective among feasible finished candidates (with a
+    target: the most accurate of those meeting it); ties go to the other criterion."""
+    ok = [r for r in records if finished(r) and feasible(r, base, cfg)]
     if not ok:
         return None
     key = OBJECTIVE_KEY[cfg.objective]
@@ -168,7 +177,8 @@ def choose(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
 
 def closest(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
     """For a goal not met: the candidate nearest to it (meeting the target when possible)."""
-    pool = [r for r in records if meets_target(r, base, cfg)] or records
+    done = [r for r in records if finished(r)] or records
+    pool = [r for r in done if meets_target(r, base, cfg)] or done
     return max(pool, key=lambda r: r["val_accuracy"]) if pool else None
 
 
@@ -253,9 +263,13 @@ class Session:
                            f"the next fine-tune needs ~{need:.0f}s")
 
     # -- candidates ------------------------------------------------------------------------
-    def evaluate(self, spec: Spec) -> dict:
+    def evaluate(self, spec: Spec, stage: str = "final") -> dict:
+        """Measure ``spec`` (or take its record from this or an earlier run). ``stage``
+        "rank" marks a short fine-tune that ranks and may not be chosen."""
         if spec.key in self.done:
             rec = self.done[spec.key]
+            if stage == "final":  # rank and final fine-tunes may coincide (equal epochs)
+                rec["stage"] = "final"
             if rec not in self.records:
                 self.records.append(rec)
                 self.on_record(rec, True)
@@ -269,6 +283,7 @@ class Session:
         rec = {**self.builder.measure(spec, path, configs), **extra}
         rec["artifact"] = str(path.relative_to(self.ctx.workdir))
         rec["seconds"] = round(time.perf_counter() - t0, 2)
+        rec["stage"] = stage
         append_record(self.path, rec)
         self.done[spec.key] = rec
         self.records.append(rec)

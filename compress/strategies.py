@@ -38,7 +38,8 @@ def staged(s: Session, swaps, precisions) -> None:
     limits = {}
     for swap in swaps:  # (1) rank: how far can each architecture be pruned?
         def promising(r, swap=swap):
-            recs = [s.evaluate(Spec(swap, r, _epochs(swap, r, cfg.rank_epochs), p))
+            stage = "rank" if r > 0 or swap != "none" else "final"
+            recs = [s.evaluate(Spec(swap, r, _epochs(swap, r, cfg.rank_epochs), p), stage)
                     for p in dict.fromkeys([rank_prec, "fp32"]) if p in precisions]
             return any(s.ok(rec, cfg.rank_slack) for rec in recs)
 

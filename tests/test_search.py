@@ -24,7 +24,7 @@ from torchslim.compress.candidates import (
 )
 from torchslim.compress.data import load_data, split_indices
 from torchslim.compress.io import load_model
-from torchslim.compress.search import SearchConfig, front, search
+from torchslim.compress.search import SearchConfig, choose, conclude, front, search
 from torchslim.compress.train import evaluate
 
 runner = CliRunner()
@@ -65,6 +65,22 @@ def test_front_keeps_only_undominated():
     recs = [{"key": k, "file_bytes": b, "val_accuracy": a}
             for k, b, a in [("a", 10, 90.0), ("b", 20, 95.0), ("c", 30, 94.0), ("d", 5, 80.0)]]
     assert [r["key"] for r in front(recs, "file_bytes")] == ["d", "a", "b"]
+
+
+def test_short_rank_fine_tunes_are_never_chosen():
+    base = {"val_accuracy": 97.0, "test_accuracy": 98.0, "file_bytes": 1000}
+    rank = {"key": "r", "label": "prune 0.4 + distill 3 + int8", "file_bytes": 100,
+            "val_accuracy": 97.0, "test_accuracy": 96.0, "stage": "rank"}
+    full = {"key": "f", "label": "prune 0.2 + distill 12 + int8", "file_bytes": 300,
+            "val_accuracy": 96.8, "test_accuracy": 98.0, "stage": "final"}
+    old = {"key": "o", "label": "int8", "file_bytes": 400, "val_accuracy": 97.0,
+           "test_accuracy": 98.0}  # a record of an older search: no stage, choosable
+    cfg = SearchConfig(max_acc_drop=0.5)
+    assert choose([rank, full, old], base, cfg)["key"] == "f"  # smaller rank one skipped
+    assert choose([rank, old], base, cfg)["key"] == "o"
+    result = conclude([rank], base, cfg, None, 1.0)
+    assert result.status == "infeasible" and result.chosen["key"] == "r"  # shown, not chosen
+    assert "no candidate meets the goal" in result.message
 
 
 def test_recipe_round_trips_to_the_same_candidate():
