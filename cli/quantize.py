@@ -126,6 +126,10 @@ def register(app: typer.Typer) -> None:
             help="ONNX node name to keep in fp32 (repeatable).")] = None,
         qat_epochs: Annotated[int, typer.Option(help="Fake-quant fine-tune epochs (qat).")] = 3,
         qat_lr: Annotated[float, typer.Option(help="Fine-tune learning rate (qat).")] = 5e-4,
+        equalize: Annotated[bool, typer.Option(
+            "--equalize/--no-equalize",
+            help="static/qat: balance depthwise -> pointwise pairs before int8 (outputs "
+                 "unchanged; swapped models lose far less).")] = True,
         compare_runtimes: Annotated[bool, typer.Option(
             "--compare/--no-compare",
             help="Measure fp32 torch, fp32 ONNX Runtime and the result in one run.")] = True,
@@ -148,7 +152,7 @@ def register(app: typer.Typer) -> None:
         cfg = QuantizeConfig(
             mode=mode, backend=backend, calib_batches=calib_batches, per_channel=per_channel,
             calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
-            qat_lr=qat_lr, reduce_range=reduce_range, seed=seed,
+            qat_lr=qat_lr, reduce_range=reduce_range, seed=seed, equalize=equalize,
         )
         if Path(output).suffix.lower() != cfg.suffix:
             raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like "
@@ -188,7 +192,9 @@ def _diagnosed(cfg: QuantizeConfig, loaded, split, keep: int) -> QuantizeConfig:
 
     if cfg.mode != "static" or split is None:
         raise UsageError("--diagnose and --keep-fp32 need --mode static and --data")
-    module = require_module(loaded, "quantize")
+    from ..compress.quantize import equalized
+
+    module, _ = equalized(require_module(loaded, "quantize"), cfg, split.train)
     calib = oq.calibration_batches(split.train, cfg.calib_batches, cfg.calib_batch_size,
                                    cfg.seed)
     with stderr_console.status("measuring each layer's int8 error..."):

@@ -34,7 +34,7 @@ from .errors import TorchslimError
 from .io import ModelMeta, history_entry, load_model, save_model
 from .measure import measure
 from .prune import PruneConfig, prune_model
-from .quantize import QuantizeConfig, quantize_model
+from .quantize import QuantizeConfig, equalized, quantize_model
 from .swap import SwapConfig, swap_model
 from .train import evaluate
 
@@ -250,8 +250,9 @@ class Builder:
             cfg = QuantizeConfig(mode="static", seed=self.ctx.seed)
             calib = oq.calibration_batches(self.ctx.data.train, cfg.calib_batches,
                                            cfg.calib_batch_size, cfg.seed)
+            model, _ = equalized(self.fp32_model(spec), cfg, self.ctx.data.train)
             self.diagnoses[key] = qdiag.diagnose(
-                self.fp32_model(spec), self.ctx.meta.input_spec(), calib,
+                model, self.ctx.meta.input_spec(), calib,
                 per_channel=cfg.per_channel, reduce_range=cfg.use_reduce_range)
         return self.diagnoses[key]
 

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,8 @@ class QuantizeConfig:
     # 7-bit weights: "auto" turns them on where this CPU's int8 kernels saturate (no VNNI)
     reduce_range: str = "auto"
     seed: int = 0
+    # static/qat: balance depthwise -> pointwise pairs first (equalize.py; outputs unchanged)
+    equalize: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -188,6 +191,10 @@ def _quantize_onnx(module, cfg, spec, data, meta, before, out, force, inputs, ke
     with tempfile.TemporaryDirectory(prefix="torchslim-q-") as tmp:
         tmp = Path(tmp)
         notes: list[str] = []
+        module, pairs = equalized(module, cfg, data.train) if data is not None else (module, [])
+        if pairs:
+            notes.append(f"equalized {len(pairs)} depthwise -> pointwise pair(s) for int8 "
+                         "(same fp32 outputs, balanced ranges)")
         if cfg.mode == "qat":
             module, qat_note = _qat_finetune(module, cfg, data)
             notes.append(qat_note)
@@ -254,6 +261,19 @@ def _write_onnx(q: Path, tmp: Path, meta: ModelMeta, out: Path, force, inputs) -
             break
         size = final.stat().st_size
     atomic_write(out, lambda t: shutil.copyfile(final, t), force=force, inputs=inputs)
+
+
+def equalized(module: nn.Module, cfg: QuantizeConfig, train) -> tuple[nn.Module, list[str]]:
+    """The model static and QAT int8 start from: with ``cfg.equalize``, a copy with its
+    depthwise -> pointwise pairs balanced on the calibration batches of ``train`` (same
+    fp32 outputs); the pairs' names. The per-layer diagnosis uses it too."""
+    if not cfg.equalize or cfg.mode not in ("static", "qat"):
+        return module, []
+    from .equalize import equalize
+
+    calib = oq.calibration_batches(train, cfg.calib_batches, cfg.calib_batch_size, cfg.seed)
+    inputs = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*calib, strict=True))
+    return equalize(module, inputs)
 
 
 def _qat_finetune(module, cfg, data):
