@@ -130,6 +130,10 @@ def register(app: typer.Typer) -> None:
             "--equalize/--no-equalize",
             help="static/qat: balance depthwise -> pointwise pairs before int8 (outputs "
                  "unchanged; swapped models lose far less).")] = True,
+        keep_output: Annotated[bool, typer.Option(
+            "--keep-output-fp32/--int8-output",
+            help="static/qat: keep the layer that computes the output (logits) in fp32.")]
+        = True,
         compare_runtimes: Annotated[bool, typer.Option(
             "--compare/--no-compare",
             help="Measure fp32 torch, fp32 ONNX Runtime and the result in one run.")] = True,
@@ -153,6 +157,7 @@ def register(app: typer.Typer) -> None:
             mode=mode, backend=backend, calib_batches=calib_batches, per_channel=per_channel,
             calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
             qat_lr=qat_lr, reduce_range=reduce_range, seed=seed, equalize=equalize,
+            keep_output_fp32=keep_output,
         )
         if Path(output).suffix.lower() != cfg.suffix:
             raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like "

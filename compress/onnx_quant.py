@@ -258,6 +258,28 @@ def quantize_static_onnx(
     return dst
 
 
+# Ops a graph output may pass through after the layer that computes it.
+_PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Softmax",
+                 "LogSoftmax", "Relu", "Sigmoid", "Transpose", "Cast"}
+
+
+def output_layers(path: Path | str) -> list[str]:
+    """Names of the Gemm/MatMul/Conv nodes whose results are the graph's outputs (through
+    reshapes and activations): the layers whose int8 noise lands on the logits directly."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    found = []
+    for out in graph.output:
+        node = producer.get(out.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Gemm", "MatMul", "Conv") and node.name:
+            found.append(node.name)
+    return list(dict.fromkeys(found))
+
+
 DYNAMIC_OPS = ["MatMul", "Gemm", "LSTM", "Attention"]
 
 

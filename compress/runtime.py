@@ -104,12 +104,18 @@ class CastWrapper(nn.Module):
 
 
 class WeightFakeQuant(nn.Module):
-    """Parametrization: per-channel symmetric int8 fake-quant with a straight-through grad."""
+    """Parametrization: per-channel symmetric int8 fake-quant with a straight-through grad.
+    ``qmax`` 127, or 64 for the 7-bit weights ONNX Runtime writes with reduce_range (its
+    reduced int8 range is [-64, 64]): QAT must train against the grid that ships."""
+
+    def __init__(self, qmax: int = 127) -> None:
+        super().__init__()
+        self.qmax = qmax
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale = _per_channel_scale(w).flatten()
+        scale = _per_channel_scale(w, self.qmax).flatten()
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -self.qmax, self.qmax)
 
 
 class ActFakeQuant:
@@ -132,12 +138,12 @@ class ActFakeQuant:
         return (torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255), *args[1:])
 
 
-def add_fake_quant(model: nn.Module) -> list:
+def add_fake_quant(model: nn.Module, weight_qmax: int = 127) -> list:
     """Fake-quantize every Linear/Conv weight and input; returns hook handles to remove."""
     handles = []
     for m in model.modules():
         if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            parametrize.register_parametrization(m, "weight", WeightFakeQuant())
+            parametrize.register_parametrization(m, "weight", WeightFakeQuant(weight_qmax))
             handles.append(m.register_forward_pre_hook(ActFakeQuant()))
     return handles
 

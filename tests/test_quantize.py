@@ -66,8 +66,23 @@ def test_static_int8_is_small_accurate_and_int8(trained, digits, static_int8):
     assert res.path.stat().st_size <= 0.27 * fp32_bytes
     assert res.accuracy_before > 90.0  # a real baseline, so the bound below means something
     assert abs(res.accuracy_after - res.accuracy_before) <= 1.0  # stated bound: 1 point
-    assert res.int8_ops.get("QLinearConv", 0) == 2 and res.int8_ops.get("QGemm", 0) == 2
-    assert res.fallbacks == []  # BN folded, every conv/linear runs int8
+    # BN folded, every conv/linear runs int8 but the output layer, kept in fp32 on purpose
+    assert res.int8_ops.get("QLinearConv", 0) == 2 and res.int8_ops.get("QGemm", 0) == 1
+    assert res.fallbacks == []
+    assert any(n.startswith("output layer node_linear_1 kept in fp32") for n in res.notes)
+
+
+def test_output_layer_is_found_through_reshapes_and_can_be_int8(trained, digits, tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+                        nn.Softmax(dim=1))
+    path = oq.export_onnx(net, (1, 8, 8), tmp_path / "n.onnx")
+    gemms = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and oq.output_layers(path) == [gemms[1]]  # through the Softmax
+    res = quantize_model(trained, QuantizeConfig(mode="static", calib_batches=2,
+                                                 keep_output_fp32=False),
+                         data=digits, out_path=tmp_path / "all.onnx")
+    assert res.int8_ops.get("QGemm", 0) == 2  # --int8-output: every layer int8
+    assert not any(n.startswith("output layer") for n in res.notes)
 
 
 def test_static_metadata_history_and_report_sizes(static_int8):
@@ -198,6 +213,7 @@ def test_qat_finetunes_then_exports_int8(trained, digits, tmp_path):
     res = quantize_model(trained, QuantizeConfig(mode="qat", qat_epochs=1, calib_batches=2),
                          data=small, out_path=tmp_path / "qat.onnx")
     assert res.int8_ops.get("QLinearConv", 0) == 2 and res.fallbacks == []
+    assert res.int8_ops.get("QGemm", 0) == 1  # the output layer stays fp32
     assert res.accuracy_after >= res.accuracy_before - 1.0
     assert any(n.startswith("qat: 1 epochs") for n in res.notes)
 
@@ -278,3 +294,14 @@ def test_reduce_range_follows_the_cpu(monkeypatch):
     assert QuantizeConfig(reduce_range="on").use_reduce_range
     with pytest.raises(UsageError, match="--reduce-range"):
         QuantizeConfig(reduce_range="maybe")
+
+
+def test_qat_trains_against_the_7_bit_grid_that_ships():
+    from torchslim.compress.runtime import WeightFakeQuant
+
+    w = torch.randn(4, 16)
+    for qmax in (127, 64):  # ONNX Runtime's reduce_range int8 weights span [-64, 64]
+        q = WeightFakeQuant(qmax)(w)
+        steps = q / (w.abs().amax(1, keepdim=True) / qmax)
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        assert steps.abs().max().round() == qmax
