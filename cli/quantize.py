@@ -204,7 +204,8 @@ def _diagnosed(cfg: QuantizeConfig, loaded, split, keep: int) -> QuantizeConfig:
                                    cfg.seed)
     with stderr_console.status("measuring each layer's int8 error..."):
         diag = qdiag.diagnose(module, input_spec(loaded, split), calib, per_channel=cfg.per_channel,
-                              reduce_range=cfg.use_reduce_range, calibrate=cfg.calibrate)
+                              reduce_range=cfg.use_reduce_range, calibrate=cfg.calibrate,
+                              keep_output_fp32=cfg.keep_output_fp32)
     worst = diag.worst(keep)
     show_diagnosis({**diag.to_dict(), "kept_fp32": worst})
     return dataclasses.replace(cfg, exclude=tuple(dict.fromkeys([*cfg.exclude, *worst])))

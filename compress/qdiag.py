@@ -68,12 +68,13 @@ def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
 
 def diagnose(module: nn.Module, input_shape, calib: list[tuple[np.ndarray, ...]], *,
              per_channel: bool = True, reduce_range: bool = False,
-             calibrate: str = "minmax") -> Diagnosis:
+             calibrate: str = "minmax", keep_output_fp32: bool = True) -> Diagnosis:
     """Quantize ``module`` statically on ``calib`` batches and compare it layer by layer.
 
     The quantization settings should be the ones the real int8 model will use, so the
     errors are the ones it will have. ``calib`` are batches (one array per input) of
     training samples: the same images calibrate and measure, as in any post-training quantization.
+    ``keep_output_fp32`` mirrors quantize's default: the output layer is left fp32 here too.
     """
     with tempfile.TemporaryDirectory(prefix="torchslim-qdiag-") as tmp:
         tmp = Path(tmp)
@@ -82,8 +83,10 @@ def diagnose(module: nn.Module, input_shape, calib: list[tuple[np.ndarray, ...]]
             src = oq.preprocess(fp32, tmp / "pre.onnx")
         except Exception:  # the same fallback quantize takes
             src = fp32
+        exclude = oq.output_layers(src) if keep_output_fp32 else []
         q = oq.quantize_static_onnx(src, tmp / "int8.onnx", calib, per_channel=per_channel,
-                                    calibrate=calibrate, reduce_range=reduce_range)
+                                    calibrate=calibrate, reduce_range=reduce_range,
+                                    exclude=exclude)
         float_acts = _activations(src, tmp / "fp32-aug.onnx", calib)
         int8_acts = _activations(q, tmp / "int8-aug.onnx", calib)
         layers = _layer_errors(src, float_acts, int8_acts)
