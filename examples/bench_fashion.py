@@ -26,7 +26,9 @@ here against 0.73 M at 60x120. Training uses a stratified 10,000 of the 54,000 t
 images and 8 epochs by default, so that three seeds of every approach fit about an hour
 on 2 cores; `--train-limit 0 --epochs 15` is the full-data run.
 
-    python examples/bench_fashion.py                 # the table in the README
+    python examples/bench_fashion.py --recipe no-prune --recipe demo --distill-epochs 15 \
+        --search ''                                  # the table in the README (12 min)
+    python examples/bench_fashion.py                 # demo recipe and the two searches
     python examples/bench_fashion.py --quick         # smoke run: 4 minutes
     python examples/bench_fashion.py --workdir fm    # keep models; a rerun reuses them
 
