@@ -73,6 +73,8 @@ def equalize(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[nn.Mod
     call_hooked(model, inputs, [dw.register_forward_hook(hook(name)) for name, dw, _ in pairs])
     with torch.no_grad():
         for name, dw, pw in pairs:
+            if name not in ranges:  # not on the path the inputs take: nothing to measure
+                continue
             act = ranges[name]
             col = pw.weight.abs().amax(dim=(0, 2, 3))
             live = (act > 1e-12) & (col > 1e-12)
@@ -82,4 +84,4 @@ def equalize(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[nn.Mod
             if dw.bias is not None:
                 dw.bias.div_(s)
             pw.weight.mul_(s.view(1, -1, 1, 1))
-    return model, [name for name, _, _ in pairs]
+    return model, [name for name, _, _ in pairs if name in ranges]
