@@ -83,6 +83,41 @@ def test_short_rank_fine_tunes_are_never_chosen():
     assert "no candidate meets the goal" in result.message
 
 
+def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
+    """Ranking with 3 epochs rejects prune 0.3 (3 points down); the full fine-tune of 0.2
+    meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen."""
+    from torchslim.compress import strategies
+    from torchslim.compress.search import SearchConfig as Cfg
+
+    cfg = Cfg(max_acc_drop=0.5, max_prune=0.4, prune_step=0.1, swaps=("none",),
+              precisions=("fp32",))
+    base = {"val_accuracy": 97.0, "test_accuracy": 98.0, "file_bytes": 1000}
+    lost = {3: {0.1: 1.0, 0.2: 1.5, 0.3: 3.0, 0.4: 5.0}, 12: {0.1: 0.0, 0.2: 0.0, 0.3: 0.4,
+                                                              0.4: 1.2}}
+
+    class Fake:
+        def __init__(self):
+            self.cfg, self.records = cfg, []
+
+        def evaluate(self, spec, stage="final"):
+            d = lost[spec.epochs][spec.prune] if spec.prune else 0.0
+            rec = {"key": spec.key, "label": spec.label(), "spec": spec.__dict__,
+                   "stage": stage, "file_bytes": int(1000 * (1 - spec.prune)),
+                   "val_accuracy": 97.0 - d, "test_accuracy": 98.0 - d}
+            self.records.append(rec)
+            return rec
+
+        def ok(self, rec, slack=0.0):
+            return base["val_accuracy"] - rec["val_accuracy"] <= cfg.max_acc_drop + slack
+
+    monkeypatch.setattr(strategies, "_proxy", lambda s, swap, r: 1 - r)
+    fake = Fake()
+    strategies.staged(fake, ("none",), ("fp32",))
+    tried = [(r["spec"]["prune"], r["spec"]["epochs"]) for r in fake.records]
+    assert (0.2, 12) in tried and (0.3, 12) in tried and (0.4, 12) not in tried
+    assert choose(fake.records, base, cfg)["key"] == "none-p0.30-e12-fp32"
+
+
 def test_recipe_round_trips_to_the_same_candidate():
     for spec in (Spec("dws", 0.3, 12, "int8"), Spec("none", 0.5, 4, "qat"), Spec(),
                  Spec("dws-hard", 0.0, 2, "fp16")):
