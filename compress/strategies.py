@@ -63,7 +63,9 @@ def staged(s: Session, swaps, precisions) -> None:
                 break  # the proxy orders size and MACs exactly; latency needs measuring
     # (3) second chance: the first level each architecture's short fine-tune rejected gets
     # a full one when it would beat the answer (3 epochs under-recover, a swap most).
-    best = min(solved.values(), default=float("inf"))
+    if not solved:  # nothing within the guard: more pruning will not be either
+        return
+    best = min(solved.values())
     beyond = [(swap, grid[limits[swap] + 1]) for swap in swaps if limits[swap] + 1 < len(grid)]
     beyond = sorted((p for p in beyond if proxy(*p) < best), key=lambda p: proxy(*p))
     for swap, r in beyond:
