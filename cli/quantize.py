@@ -189,23 +189,16 @@ def _diagnosed(cfg: QuantizeConfig, loaded, split, keep: int) -> QuantizeConfig:
     """Per-layer int8 error (printed), and the ``keep`` noisiest layers added to exclude."""
     import dataclasses
 
-    from ..compress import onnx_quant as oq
-    from ..compress import qdiag
     from ..compress.errors import UsageError
     from ..compress.io import require_module
+    from ..compress.quantize import diagnose
     from .goal import show_diagnosis
 
     if cfg.mode != "static" or split is None:
         raise UsageError("--diagnose and --keep-fp32 need --mode static and --data")
-    from ..compress.quantize import equalized
-
-    module, _ = equalized(require_module(loaded, "quantize"), cfg, split.train)
-    calib = oq.calibration_batches(split.train, cfg.calib_batches, cfg.calib_batch_size,
-                                   cfg.seed)
+    module = require_module(loaded, "quantize")
     with stderr_console.status("measuring each layer's int8 error..."):
-        diag = qdiag.diagnose(module, input_spec(loaded, split), calib, per_channel=cfg.per_channel,
-                              reduce_range=cfg.use_reduce_range, calibrate=cfg.calibrate,
-                              keep_output_fp32=cfg.keep_output_fp32)
+        diag = diagnose(module, cfg, input_spec(loaded, split), split.train)
     worst = diag.worst(keep)
     show_diagnosis({**diag.to_dict(), "kept_fp32": worst})
     return dataclasses.replace(cfg, exclude=tuple(dict.fromkeys([*cfg.exclude, *worst])))

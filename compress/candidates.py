@@ -34,7 +34,7 @@ from .errors import TorchslimError
 from .io import ModelMeta, history_entry, load_model, save_model
 from .measure import measure
 from .prune import PruneConfig, prune_model
-from .quantize import QuantizeConfig, equalized, quantize_model
+from .quantize import QuantizeConfig, diagnose, quantize_model
 from .swap import SwapConfig, swap_model
 from .train import evaluate
 
@@ -242,18 +242,12 @@ class Builder:
 
     def diagnosis(self, spec: Spec):
         """Per-layer int8 error of the trained model (computed once per trained model)."""
-        from . import qdiag
-
         key = spec.trained_key
         if key not in self.diagnoses:
             self.ctx.say(f"diagnosing int8 error per layer of {key}")
             cfg = QuantizeConfig(mode="static", seed=self.ctx.seed)
-            calib = oq.calibration_batches(self.ctx.data.train, cfg.calib_batches,
-                                           cfg.calib_batch_size, cfg.seed)
-            model, _ = equalized(self.fp32_model(spec), cfg, self.ctx.data.train)
-            self.diagnoses[key] = qdiag.diagnose(
-                model, self.ctx.meta.input_spec(), calib,
-                per_channel=cfg.per_channel, reduce_range=cfg.use_reduce_range)
+            self.diagnoses[key] = diagnose(self.fp32_model(spec), cfg,
+                                           self.ctx.meta.input_spec(), self.ctx.data.train)
         return self.diagnoses[key]
 
     # -- one candidate ------------------------------------------------------------------

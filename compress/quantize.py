@@ -288,6 +288,18 @@ def equalized(module: nn.Module, cfg: QuantizeConfig, train) -> tuple[nn.Module,
     return equalize(module, inputs)
 
 
+def diagnose(module: nn.Module, cfg: QuantizeConfig, spec, train):
+    """Per-layer int8 error of ``module`` quantized as ``cfg`` would quantize it (equalized,
+    calibrated on ``train``, its output layer as cfg keeps it): qdiag.Diagnosis."""
+    from . import qdiag
+
+    module, _ = equalized(module, cfg, train)
+    calib = oq.calibration_batches(train, cfg.calib_batches, cfg.calib_batch_size, cfg.seed)
+    return qdiag.diagnose(module, spec, calib, per_channel=cfg.per_channel,
+                          reduce_range=cfg.use_reduce_range, calibrate=cfg.calibrate,
+                          keep_output_fp32=cfg.keep_output_fp32)
+
+
 def _qat_finetune(module, cfg, data):
     """Fine-tune with int8 fake-quant on weights and layer inputs, then bake the weights.
 
