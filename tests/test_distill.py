@@ -211,3 +211,31 @@ def test_student_as_given_counts_as_epoch_zero(teacher, digits):
     assert result.best_epoch == 0 and result.epochs[0].val_top1 < result.best_top1
     for k, v in start.items():
         torch.testing.assert_close(student.state_dict()[k], v)
+
+
+def test_a_validation_tie_goes_to_the_lower_loss(digits, monkeypatch):
+    """A few hundred validation images tie often; the first of equal epochs used to be kept
+    (an under-trained epoch 1 of 12 shipped). The tie now goes to the lower validation loss,
+    and those weights are the ones restored."""
+    from torchslim.compress import train
+
+    scripted = iter([(97.0, None, 0.50), (96.0, None, 0.10), (97.0, None, 0.20),
+                     (97.0, None, 0.30)])
+    states = []
+    real = train.scores
+
+    def fake_scores(model, dataset, batch_size=256):
+        if dataset is digits.val:
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            return next(scripted)
+        return real(model, dataset, batch_size)
+
+    monkeypatch.setattr(train, "scores", fake_scores)
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, input_size=(8, 8))
+    result = fit(model, digits, TrainConfig(epochs=4, seed=0, augment=False))
+    assert (result.best_epoch, result.best_top1, result.best_loss) == (3, 97.0, 0.20)
+    assert [e.val_loss for e in result.epochs] == [0.50, 0.10, 0.20, 0.30]
+    for k, v in states[2].items():  # epoch 3's weights, not epoch 1's or the last
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert not torch.equal(states[0]["net.1.weight"], states[2]["net.1.weight"])
