@@ -83,24 +83,21 @@ def test_short_rank_fine_tunes_are_never_chosen():
     assert "no candidate meets the goal" in result.message
 
 
-def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
-    """Ranking with 3 epochs rejects prune 0.3 (3 points down); the full fine-tune of 0.2
-    meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen."""
+def _scripted_staged(monkeypatch, lost):
+    """Run the staged strategy on a session whose accuracy drop is ``lost(epochs, ratio)``."""
     from torchslim.compress import strategies
     from torchslim.compress.search import SearchConfig as Cfg
 
     cfg = Cfg(max_acc_drop=0.5, max_prune=0.4, prune_step=0.1, swaps=("none",),
               precisions=("fp32",))
     base = {"val_accuracy": 97.0, "test_accuracy": 98.0, "file_bytes": 1000}
-    lost = {3: {0.1: 1.0, 0.2: 1.5, 0.3: 3.0, 0.4: 5.0}, 12: {0.1: 0.0, 0.2: 0.0, 0.3: 0.4,
-                                                              0.4: 1.2}}
 
     class Fake:
         def __init__(self):
             self.cfg, self.records = cfg, []
 
         def evaluate(self, spec, stage="final"):
-            d = lost[spec.epochs][spec.prune] if spec.prune else 0.0
+            d = lost(spec.epochs, spec.prune) if spec.prune else 0.0
             rec = {"key": spec.key, "label": spec.label(), "spec": spec.__dict__,
                    "stage": stage, "file_bytes": int(1000 * (1 - spec.prune)),
                    "val_accuracy": 97.0 - d, "test_accuracy": 98.0 - d}
@@ -113,9 +110,36 @@ def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
     monkeypatch.setattr(strategies, "_proxy", lambda s, swap, r: 1 - r)
     fake = Fake()
     strategies.staged(fake, ("none",), ("fp32",))
-    tried = [(r["spec"]["prune"], r["spec"]["epochs"]) for r in fake.records]
-    assert (0.2, 12) in tried and (0.3, 12) in tried and (0.4, 12) not in tried
-    assert choose(fake.records, base, cfg)["key"] == "none-p0.30-e12-fp32"
+    full = [r["spec"]["prune"] for r in fake.records if r["spec"]["epochs"] == 12]
+    return full, choose(fake.records, base, cfg)
+
+
+def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
+    """Ranking with 3 epochs rejects prune 0.3 (3 points down); the full fine-tune of 0.2
+    meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen."""
+    table = {3: {0.1: 1.0, 0.2: 1.5, 0.3: 3.0, 0.4: 5.0}, 12: {0.1: 0.0, 0.2: 0.0, 0.3: 0.4}}
+
+    def lost(epochs, r):
+        return table[epochs].get(r, 0.4 + (r - 0.3) * 8)  # past 0.3: 0.35 loses 0.8
+
+    full, chosen = _scripted_staged(monkeypatch, lost)
+    assert 0.2 in full and 0.3 in full and 0.4 not in full
+    assert chosen["key"] == "none-p0.30-e12-fp32"
+
+
+def test_refining_between_the_level_that_held_and_the_next(monkeypatch):
+    """Full fine-tunes hold up to prune 0.325 (drop 4 x (r - 0.2)); the grid has 0.3 and
+    0.4; refining halves the gap while it is over a quarter step and finds a level above
+    0.3 that holds, trying no more than three between."""
+    def lost(epochs, r):
+        return max(0.0, (r - 0.2) * 4) + (1.5 if epochs == 3 else 0.0)
+
+    full, chosen = _scripted_staged(monkeypatch, lost)
+    between = [r for r in full if 0.3 < r < 0.4]
+    assert 0.35 in between and 1 < len(between) <= 3
+    r = chosen["spec"]["prune"]
+    assert 0.3 < r < 0.35 and lost(12, r) <= 0.5
+    assert all(lost(12, x) > 0.5 for x in full if x > r)  # everything above it missed
 
 
 def test_recipe_round_trips_to_the_same_candidate():
@@ -124,6 +148,7 @@ def test_recipe_round_trips_to_the_same_candidate():
         assert spec_from_recipe(recipe(spec)) == spec
     mixed = Spec("dws", 0.2, 3, "int8-mixed", 2)
     assert spec_from_recipe(recipe(mixed, exclude=("a", "b"))) == mixed
+
 
 
 def test_qdiag_measures_layers_and_keeping_the_worst_in_fp32(trained_tiny, digits, tmp_path):
