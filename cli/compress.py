@@ -74,8 +74,8 @@ def flags_to_configs(*, swap, act, lowrank, prune, target_macs, importance, roun
         configs.append(PruneConfig(ratio=prune, target_macs=target_macs,
                                    importance=importance, round_to=round_to, seed=seed))
     if distill:
-        configs.append(DistillConfig(epochs=epochs, lr=lr, temperature=temperature,
-                                     alpha=alpha, seed=seed))
+        configs.append(DistillConfig(epochs=epochs, lr=lr, temperature=temperature, seed=seed,
+                                     **({} if alpha is None else {"alpha": alpha})))
     if quantize:
         configs.append(QuantizeConfig(mode=quantize, calib_batches=calib_batches, seed=seed))
     return order_steps(configs)
@@ -155,7 +155,8 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = 15,
         lr: Annotated[float, typer.Option(help="Distillation learning rate.")] = 3e-3,
         temperature: Annotated[float, typer.Option(help="KD temperature.")] = 4.0,
-        alpha: Annotated[float, typer.Option(help="KD soft-loss weight.")] = 0.7,
+        alpha: Annotated[float | None, typer.Option(
+            help="KD soft-loss weight (default 0.7; with --max-acc-drop 0.3).")] = None,
         quantize: Annotated[str | None, typer.Option(
             help="static | dynamic | weight-only | fp16 | bf16 | qat")] = None,
         calib_batches: Annotated[int, typer.Option(help="Calibration batches.")] = 8,

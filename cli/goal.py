@@ -54,6 +54,8 @@ def goal_config(o: dict) -> SearchConfig:
         bounds["precisions"] = {None: ("fp32",), "fp16": ("fp32", "fp16"),
                                 "static": ("fp32", "int8", "int8-mixed"),
                                 "qat": ("fp32", "int8", "int8-mixed", "qat")}[q]
+    if o["alpha"] is not None:
+        bounds["distill_alpha"] = o["alpha"]
     if o["distill"]:  # --epochs sets the full fine-tune; ranking stays shorter
         bounds["final_epochs"] = o["epochs"]
         bounds["rank_epochs"] = min(SearchConfig.rank_epochs, o["epochs"])
@@ -69,7 +71,7 @@ def goal_config(o: dict) -> SearchConfig:
 def goal_options(model: Path, output: Path, data: str, **kw) -> dict:
     """compress's options with their defaults, for callers other than compress (demo)."""
     o = dict(model=model, output=output, data=data, swap=False, act=None, lowrank=None,
-             prune=None, target_macs=None, distill=False, epochs=15, quantize=None,
+             prune=None, target_macs=None, distill=False, epochs=15, alpha=None, quantize=None,
              recipe=None, dump_recipe_to=None, image_size=None, channels=None,
              threads=None, min_time=None, seed=0, train_limit=None, load=LoadOptions(),
              force=False,
@@ -147,6 +149,7 @@ def _context(o, cfg, loaded, teacher, split, workdir: Path) -> Context:
                    suffix=o["output"].suffix.lower(), seed=cfg.seed, threads=o["threads"],
                    trust=o["load"].trust,
                    min_run_time=o["min_time"], qat_epochs=cfg.qat_epochs,
+                   distill_alpha=cfg.distill_alpha,
                    say=lambda t: stderr_console.print(f"[dim]→ {t}[/]", highlight=False),
                    training=fit_progress)
 
@@ -291,7 +294,8 @@ def _dry_run(cfg: SearchConfig, teacher, split, suffix: str, space) -> None:
                   f"ratios: {', '.join(f'{r:g}' for r in cfg.grid())}; precisions: "
                   f"{', '.join(precs)}")
         out.print(f"fine-tunes (distillation from the input): {cfg.rank_epochs} epochs to "
-                  f"rank, {cfg.final_epochs} for finalists; QAT {cfg.qat_epochs} epochs")
+                  f"rank, {cfg.final_epochs} for finalists, alpha {cfg.distill_alpha:g}; "
+                  f"QAT {cfg.qat_epochs} epochs")
     est, per_epoch = estimate_seconds(cfg, teacher, split, len(swaps))
     budget = f"; time budget {cfg.time_budget_s / 60:.1f} min" if cfg.time_budget_s else ""
     out.print(f"estimate: ~{est / 60:.0f} min (~{per_epoch:.1f} s per fine-tune epoch, "

@@ -27,7 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .candidates import PRECISIONS, SWAPS, Builder, Context, Spec, append_record, read_records
+from .candidates import (
+    DISTILL_ALPHA,
+    PRECISIONS,
+    SWAPS,
+    Builder,
+    Context,
+    Spec,
+    append_record,
+    read_records,
+)
 from .errors import TorchslimError, UsageError
 
 OBJECTIVES = ("size", "latency", "macs")
@@ -57,6 +66,7 @@ class SearchConfig:
     rank_slack: float = 2.0  # points a short fine-tune may lag and still be promising
     keep_fp32: tuple[int, ...] = (1, 2)  # int8-mixed variants: layers kept in fp32
     qat_epochs: int = 3
+    distill_alpha: float = DISTILL_ALPHA  # teacher's share of the fine-tunes' loss
     test_share: float = 0.5  # of the held-out images: test; the rest is validation
     seed: int = 0
 
@@ -85,6 +95,8 @@ class SearchConfig:
             raise UsageError("--prune bound must be in [0, 1) and the step in (0, 1)")
         if self.rank_epochs < 1 or self.final_epochs < 1 or self.qat_epochs < 1:
             raise UsageError("rank, final and QAT epochs must be >= 1")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.distill_alpha}")
 
     @property
     def has_target(self) -> bool:
@@ -410,6 +422,7 @@ def fingerprint(cfg: SearchConfig, ctx: Context) -> dict:
     return {"model_history": len(ctx.meta.history), "inputs": ctx.meta.input_spec().texts(),
             "data": d.name, "train": len(d.train), "val": len(d.val), "test": len(d.test),
             "seed": cfg.seed, "test_share": cfg.test_share, "suffix": ctx.suffix,
+            "distill_alpha": ctx.distill_alpha, "qat_epochs": ctx.qat_epochs,
             "val_checksum": float(sum(t.double().sum() for t in d.val.tensors[:-1])),
             "teacher_checksum": float(sum(p.detach().double().sum()
                                           for p in ctx.teacher.parameters()))}

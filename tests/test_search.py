@@ -148,7 +148,10 @@ def test_recipe_round_trips_to_the_same_candidate():
         assert spec_from_recipe(recipe(spec)) == spec
     mixed = Spec("dws", 0.2, 3, "int8-mixed", 2)
     assert spec_from_recipe(recipe(mixed, exclude=("a", "b"))) == mixed
-
+    # the fine-tune's label weight is part of the recipe, so --dump-recipe repeats it
+    steps = {c.method: c for c in recipe(Spec("none", 0.5, 4, "qat"), alpha=0.5)}
+    assert steps["distill"].alpha == 0.5
+    assert {c.method: c for c in recipe(Spec("none", 0.5, 4, "qat"))}["distill"].alpha == 0.3
 
 
 def test_qdiag_measures_layers_and_keeping_the_worst_in_fp32(trained_tiny, digits, tmp_path):
@@ -265,4 +268,11 @@ def test_dry_run_prints_space_and_estimate(trained_tiny, tmp_path):
     assert res.exit_code == 0, res.output
     assert "pruning ratios: 0, 0.1, 0.2, 0.3" in res.stdout
     assert "precisions: fp32, int8, int8-mixed" in res.stdout and "estimate: ~" in res.stdout
+    assert "alpha 0.3;" in res.stdout  # the search's default label weight
     assert not (tmp_path / "c.onnx").exists()
+    res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5", "--dry-run",
+                    "--alpha", "0.6")
+    assert res.exit_code == 0 and "alpha 0.6;" in res.stdout, res.output
+    res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5", "--dry-run",
+                    "--alpha", "1.5")
+    assert res.exit_code == 2 and "--alpha must be in [0, 1]" in res.output
