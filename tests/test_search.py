@@ -114,6 +114,21 @@ def _scripted_staged(monkeypatch, lost):
     return full, choose(fake.records, base, cfg)
 
 
+def test_latency_within_the_timer_noise_is_a_tie_won_by_accuracy():
+    base = {"val_accuracy": 97.0, "test_accuracy": 98.0, "latency_ms_median": 4.0}
+    cfg = SearchConfig(max_acc_drop=0.5, objective="latency")
+
+    def rec(key, ms, acc):
+        return {"key": key, "label": key, "latency_ms_median": ms, "val_accuracy": acc,
+                "test_accuracy": acc, "stage": "final"}
+
+    near = [rec("swap", 0.388, 97.0), rec("prune", 0.420, 97.5), rec("slow", 0.9, 99.0)]
+    assert choose(near, base, cfg)["key"] == "prune"  # 8 % slower, one image better
+    far = [rec("swap", 0.30, 97.0), rec("prune", 0.420, 97.5)]
+    assert choose(far, base, cfg)["key"] == "swap"  # 40 % faster: not noise
+    assert choose([rec("a", 0.40, 97.0), rec("b", 0.41, 97.0)], base, cfg)["key"] == "a"
+
+
 def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
     """Ranking with 3 epochs rejects prune 0.3 (3 points down); the full fine-tune of 0.2
     meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen."""
