@@ -83,13 +83,13 @@ def test_short_rank_fine_tunes_are_never_chosen():
     assert "no candidate meets the goal" in result.message
 
 
-def _scripted_staged(monkeypatch, lost):
+def _scripted_staged(monkeypatch, lost, objective="size", precisions=("fp32",)):
     """Run the staged strategy on a session whose accuracy drop is ``lost(epochs, ratio)``."""
     from torchslim.compress import strategies
     from torchslim.compress.search import SearchConfig as Cfg
 
     cfg = Cfg(max_acc_drop=0.5, max_prune=0.4, prune_step=0.1, swaps=("none",),
-              precisions=("fp32",))
+              precisions=precisions, objective=objective)
     base = {"val_accuracy": 97.0, "test_accuracy": 98.0, "file_bytes": 1000}
 
     class Fake:
@@ -100,7 +100,8 @@ def _scripted_staged(monkeypatch, lost):
             d = lost(spec.epochs, spec.prune) if spec.prune else 0.0
             rec = {"key": spec.key, "label": spec.label(), "spec": spec.__dict__,
                    "stage": stage, "file_bytes": int(1000 * (1 - spec.prune)),
-                   "val_accuracy": 97.0 - d, "test_accuracy": 98.0 - d}
+                   "latency_ms_median": 1 - spec.prune, "val_accuracy": 97.0 - d,
+                   "test_accuracy": 98.0 - d}
             self.records.append(rec)
             return rec
 
@@ -109,9 +110,22 @@ def _scripted_staged(monkeypatch, lost):
 
     monkeypatch.setattr(strategies, "_proxy", lambda s, swap, r: 1 - r)
     fake = Fake()
-    strategies.staged(fake, ("none",), ("fp32",))
+    strategies.staged(fake, ("none",), precisions)
     full = [r["spec"]["prune"] for r in fake.records if r["spec"]["epochs"] == 12]
-    return full, choose(fake.records, base, cfg)
+    return full, choose(fake.records, base, cfg), fake.records
+
+
+def test_latency_finalists_also_measure_fp32(monkeypatch):
+    """For latency, a level whose int8 holds gets its fp32 export measured too (ONNX
+    Runtime's fp32 can be the faster); for size it does not (int8 is always smaller)."""
+    def lost(epochs, r):
+        return 0.0 if epochs == 12 else 1.0
+
+    for objective, expect in (("latency", True), ("size", False)):
+        _, _, recs = _scripted_staged(monkeypatch, lost, objective, ("fp32", "int8"))
+        final = {r["key"] for r in recs if r["stage"] == "final"}
+        assert "none-p0.40-e12-int8" in final
+        assert ("none-p0.40-e12-fp32" in final) == expect
 
 
 def test_latency_within_the_timer_noise_is_a_tie_won_by_accuracy():
@@ -137,7 +151,7 @@ def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
     def lost(epochs, r):
         return table[epochs].get(r, 0.4 + (r - 0.3) * 8)  # past 0.3: 0.35 loses 0.8
 
-    full, chosen = _scripted_staged(monkeypatch, lost)
+    full, chosen, _ = _scripted_staged(monkeypatch, lost)
     assert 0.2 in full and 0.3 in full and 0.4 not in full
     assert chosen["key"] == "none-p0.30-e12-fp32"
 
@@ -149,7 +163,7 @@ def test_refining_between_the_level_that_held_and_the_next(monkeypatch):
     def lost(epochs, r):
         return max(0.0, (r - 0.2) * 4) + (1.5 if epochs == 3 else 0.0)
 
-    full, chosen = _scripted_staged(monkeypatch, lost)
+    full, chosen, _ = _scripted_staged(monkeypatch, lost)
     between = [r for r in full if 0.3 < r < 0.4]
     assert 0.35 in between and 1 < len(between) <= 3
     r = chosen["spec"]["prune"]
