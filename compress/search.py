@@ -418,10 +418,15 @@ def conclude(records, baseline, cfg, stopped, seconds) -> SearchResult:
     if feasible(chosen, baseline, cfg, "test"):
         return SearchResult(baseline, records, chosen, "met",
                             f"chosen on validation: {chosen['label']}; on the held-out test "
-                            f"it loses {d_test:.2f} points", stopped, seconds, fronts)
+                            f"it {_change(d_test)}", stopped, seconds, fronts)
     msg = (f"chosen on validation ({chosen['label']}) but on the held-out test it loses "
            f"{d_test:.2f} points > {cfg.max_acc_drop:g}: the goal is not met")
     return SearchResult(baseline, records, chosen, "val-only", msg, stopped, seconds, fronts)
+
+
+def _change(d: float) -> str:
+    """A drop in points as a user reads it: "loses 0.56 points", "gains 1.67 points"."""
+    return f"gains {-d:.2f} points" if d < -1e-9 else f"loses {max(d, 0.0):.2f} points"
 
 
 def fingerprint(cfg: SearchConfig, ctx: Context) -> dict:

@@ -74,10 +74,15 @@ def staged(s: Session, swaps, precisions) -> None:
         return
     # (3) second chance: the first level each architecture's short fine-tune rejected gets
     # a full one when it would beat the answer (3 epochs under-recover, a swap most).
+    # While such a level holds, the next one up gets its full fine-tune too (the ranking
+    # was wrong about it, so it says nothing about the levels above).
     best = min(proxy(swap, r) for swap, r in held.items())
     beyond = [(swap, grid[limits[swap] + 1]) for swap in swaps if limits[swap] + 1 < len(grid)]
     for swap, r in sorted((p for p in beyond if proxy(*p) < best), key=lambda p: proxy(*p)):
         finalist(swap, r)
+        while held.get(swap) == r and grid.index(r) + 1 < len(grid):
+            r = grid[grid.index(r) + 1]
+            finalist(swap, r)
     # (4) refine: halve the gap between the level that held and the one that did not while
     # time remains; the grid is coarse where it matters (PDModel: prune 0.5 is 15x smaller
     # in int8, 0.6 is 23x).

@@ -145,15 +145,26 @@ def test_latency_within_the_timer_noise_is_a_tie_won_by_accuracy():
 
 def test_a_level_the_short_fine_tune_rejected_gets_a_full_one(monkeypatch):
     """Ranking with 3 epochs rejects prune 0.3 (3 points down); the full fine-tune of 0.2
-    meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen."""
+    meets the guard, and with time left 0.3 gets its full fine-tune too, and is chosen.
+    Since 0.3 held, 0.4 (which ranking never tried) gets one as well, and misses."""
     table = {3: {0.1: 1.0, 0.2: 1.5, 0.3: 3.0, 0.4: 5.0}, 12: {0.1: 0.0, 0.2: 0.0, 0.3: 0.4}}
 
     def lost(epochs, r):
         return table[epochs].get(r, 0.4 + (r - 0.3) * 8)  # past 0.3: 0.35 loses 0.8
 
     full, chosen, _ = _scripted_staged(monkeypatch, lost)
-    assert 0.2 in full and 0.3 in full and 0.4 not in full
+    assert 0.2 in full and 0.3 in full and 0.4 in full
     assert chosen["key"] == "none-p0.30-e12-fp32"
+
+
+def test_climbing_past_a_level_the_ranking_rejected(monkeypatch):
+    """Ranking rejects everything above 0.1; full fine-tunes hold up to 0.4. The second
+    chance at 0.2 holds, so the search climbs 0.3, 0.4 and chooses 0.4."""
+    def lost(epochs, r):
+        return 0.0 if epochs == 12 else (1.0 if r <= 0.1 else 9.0)
+
+    full, chosen, _ = _scripted_staged(monkeypatch, lost)
+    assert {0.2, 0.3, 0.4} <= set(full) and chosen["spec"]["prune"] == 0.4
 
 
 def test_refining_between_the_level_that_held_and_the_next(monkeypatch):
@@ -305,3 +316,10 @@ def test_dry_run_prints_space_and_estimate(trained_tiny, tmp_path):
     res = _goal_cli(trained_tiny, tmp_path / "c.onnx", "--max-acc-drop", "0.5", "--dry-run",
                     "--alpha", "1.5")
     assert res.exit_code == 2 and "--alpha must be in [0, 1]" in res.output
+
+
+def test_the_verdict_says_gains_for_a_negative_drop():
+    from torchslim.compress.search import _change
+
+    assert _change(-1.67) == "gains 1.67 points"
+    assert _change(0.56) == "loses 0.56 points" and _change(0.0) == "loses 0.00 points"
