@@ -61,7 +61,9 @@ def staged(s: Session, swaps, precisions) -> None:
     def finalist(swap: str, r: float) -> None:
         if _finalist(s, swap, r, precisions):
             held[swap] = max(held.get(swap, r), r)
-        else:
+            if missed.get(swap, 2.0) <= held[swap]:  # the ranking was wrong: above is unknown
+                del missed[swap]
+        elif r > held.get(swap, -1.0):
             missed[swap] = min(missed.get(swap, r), r)
 
     for swap, r in pool:  # (2) finalists, most compressed first

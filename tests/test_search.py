@@ -167,6 +167,15 @@ def test_climbing_past_a_level_the_ranking_rejected(monkeypatch):
     assert {0.2, 0.3, 0.4} <= set(full) and chosen["spec"]["prune"] == 0.4
 
 
+def test_refining_after_a_climb_that_missed(monkeypatch):
+    """The second chance at 0.2 holds, the climb's 0.3 misses: refining tries 0.25."""
+    def lost(epochs, r):
+        return (0.0 if r <= 0.25 else 2.0) if epochs == 12 else (1.0 if r <= 0.1 else 9.0)
+
+    full, chosen, _ = _scripted_staged(monkeypatch, lost)
+    assert 0.3 in full and 0.25 in full and chosen["spec"]["prune"] == 0.25
+
+
 def test_refining_between_the_level_that_held_and_the_next(monkeypatch):
     """Full fine-tunes hold up to prune 0.325 (drop 4 x (r - 0.2)); the grid has 0.3 and
     0.4; refining halves the gap while it is over a quarter step and finds a level above
