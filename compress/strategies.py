@@ -56,7 +56,8 @@ def staged(s: Session, swaps, precisions) -> None:
     # per architecture: the most pruned level that held the guard after a full fine-tune,
     # and the least pruned level above it that did not (or that the ranking rejected)
     held: dict[str, float] = {}
-    missed = {swap: grid[limits[swap] + 1] for swap in swaps if limits[swap] + 1 < len(grid)}
+    rejected = {swap: grid[limits[swap] + 1] for swap in swaps if limits[swap] + 1 < len(grid)}
+    missed = dict(rejected)  # the first level each ranking rejected, until a full one says
 
     def finalist(swap: str, r: float) -> None:
         if _finalist(s, swap, r, precisions):
@@ -79,8 +80,8 @@ def staged(s: Session, swaps, precisions) -> None:
     # While such a level holds, the next one up gets its full fine-tune too (the ranking
     # was wrong about it, so it says nothing about the levels above).
     best = min(proxy(swap, r) for swap, r in held.items())
-    beyond = [(swap, grid[limits[swap] + 1]) for swap in swaps if limits[swap] + 1 < len(grid)]
-    for swap, r in sorted((p for p in beyond if proxy(*p) < best), key=lambda p: proxy(*p)):
+    for swap, r in sorted((p for p in rejected.items() if proxy(*p) < best),
+                          key=lambda p: proxy(*p)):
         finalist(swap, r)
         while held.get(swap) == r and grid.index(r) + 1 < len(grid):
             r = grid[grid.index(r) + 1]
