@@ -29,7 +29,7 @@ from rich.progress import (
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
-from ..compress.io import WRITTEN, LoadedModel, LoadOptions
+from ..compress.io import WRITTEN, LoadedModel, LoadOptions, trust_env
 from ..compress.train import Callbacks, EpochStats
 
 stderr_console = Console(stderr=True)
@@ -269,6 +269,7 @@ def model_options(fn: Callable) -> Callable:
 def load_options(*, trust=False, arch=None, num_classes=None, in_channels=None,
                  input_shape=None, input_=None, code_path=None) -> LoadOptions:
     """The command-line values -> LoadOptions (usage errors say which option was wrong)."""
+    trust_env()  # an unclear TORCHSLIM_TRUST is refused before anything is opened
     if input_shape and input_:
         raise UsageError("give --input-shape (one image input) or --input (any inputs), "
                          "not both")

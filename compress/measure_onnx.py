@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bounds import check_onnx_run
 from .errors import TorchslimError
 from .inputs import InputSpec, TensorSpec
 from .measure import MACS_METADATA_KEY, _first_line, state_dict_bytes
@@ -43,6 +44,10 @@ class OnnxSubject:
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
+        self.proto, self.files = _load_onnx_proto(Path(path))
+        # onnxruntime folds constants while it builds the session: a ConstantOfShape of a
+        # trillion elements must be refused before that
+        check_onnx_run(self.proto, None, 1, Path(path).name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -58,7 +63,6 @@ class OnnxSubject:
         self.fixed_batch = first if isinstance(first, int) else None
         self.static_spec = _static_spec(inputs)
         self.default_name = Path(path).name
-        self.proto, self.files = _load_onnx_proto(Path(path))
 
     def timed(self, feed: dict):
         return self.session.run(None, feed)

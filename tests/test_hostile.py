@@ -1,0 +1,296 @@
+"""Hostile files, second round (issue 21): no code without trust, no file-chosen behaviour,
+no terminal injection, work bounded by the file, numbers a file cannot fake.
+
+Every refusal is checked for its exit code, its one line, its speed and that the input
+file is unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from torch import nn
+from typer.testing import CliRunner
+
+from torchslim.cli.app import app
+from torchslim.compress.io import load_model, trust_env
+
+runner = CliRunner()
+FAST = ["--threads", "1", "--min-time", "0.02"]
+ERROR_LINE = re.compile(r"^error: [^\n]+\n$")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def refused(args, code: int, *needles: str, files=(), env=None, seconds: float = 30.0):
+    """Run the CLI; assert exit ``code``, one error line holding ``needles``, no
+    traceback, ``files`` unchanged, and a fast answer. Returns the output."""
+    before = {f: digest(f) for f in files}
+    start = time.perf_counter()
+    res = runner.invoke(app, [str(a) for a in args], env=env)
+    took = time.perf_counter() - start
+    out = res.output
+    assert res.exit_code == code, out
+    assert ERROR_LINE.match(out), out  # exactly one line
+    assert "Traceback" not in out and "\x1b" not in out
+    for n in needles:
+        assert n in out, out
+    assert {f: digest(f) for f in files} == before
+    assert took < seconds, f"{took:.1f}s"
+    return out
+
+
+def save_torchslim(model: nn.Module, path: Path, shape, raw_state: bool = False) -> Path:
+    """A torchslim-format file as torch.save writes it; ``raw_state`` pickles each module's
+    whole __dict__ (torch drops ``_compiled_call_impl``), as a crafted file can."""
+    payload = {"format": "torchslim", "model": model.eval(),
+               "meta": {"input_shape": list(shape)}}
+    if not raw_state:
+        torch.save(payload, path)
+        return path
+    orig = nn.Module.__getstate__
+    nn.Module.__getstate__ = lambda self: dict(self.__dict__)
+    try:
+        torch.save(payload, path)
+    finally:
+        nn.Module.__getstate__ = orig
+    return path
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+# --- 1. trust only from explicit values ---------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "Yes", "on", " On "])
+def test_trust_env_yes(monkeypatch, value):
+    monkeypatch.setenv("TORCHSLIM_TRUST", value)
+    assert trust_env() is True
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "False", "NO", "off", "OFF"])
+def test_trust_env_no(monkeypatch, value):
+    monkeypatch.setenv("TORCHSLIM_TRUST", value)
+    assert trust_env() is False
+
+
+class Planted:
+    """A pickle whose unpickling writes a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("value", ["off", "False", "maybe", "2", "enabled", "y"])
+def test_unclear_trust_env_is_a_usage_error_and_runs_nothing(tmp_path, value):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Planted(str(marker))}, evil)
+    if value in ("off", "False"):  # explicit no: refused as needing trust, exit 1
+        out = refused(["report", evil, *FAST], 1, "--trust", files=[evil],
+                      env={"TORCHSLIM_TRUST": value})
+    else:
+        out = refused(["report", evil, *FAST], 2, "TORCHSLIM_TRUST", repr(value),
+                      files=[evil], env={"TORCHSLIM_TRUST": value})
+    assert not marker.exists(), out
+
+
+def test_unclear_trust_env_refused_even_with_trust_flag(tmp_path):
+    path = save_torchslim(mlp(), tmp_path / "m.pt", (8,))
+    refused(["report", path, "--trust", *FAST], 2, "TORCHSLIM_TRUST", files=[path],
+            env={"TORCHSLIM_TRUST": "sure"})
+
+
+# --- 2. a safe load yields modules whose calls run their class's code ---------------
+
+
+def test_compiled_call_impl_planted_is_refused(tmp_path):
+    model = mlp()
+    model.__dict__["_compiled_call_impl"] = nn.Identity()  # would run instead of forward
+    path = save_torchslim(model, tmp_path / "redirect.pt", (8,), raw_state=True)
+    refused(["report", path, *FAST], 1, "_compiled_call_impl", "--trust", files=[path])
+
+
+@pytest.mark.parametrize("key", ["forward", "_call_impl", "__call__", "_wrapped_call_impl"])
+def test_call_path_attributes_are_refused(tmp_path, key):
+    model = mlp()
+    model.__dict__[key] = nn.Identity()
+    path = save_torchslim(model, tmp_path / f"{key}.pt", (8,), raw_state=True)
+    refused(["report", path, *FAST], 1, key, files=[path])
+
+
+def test_module_hidden_outside_modules_is_refused(tmp_path):
+    model = mlp()
+    model.__dict__["helpers"] = [nn.Identity()]  # a module reachable outside _modules
+    path = save_torchslim(model, tmp_path / "hidden.pt", (8,), raw_state=True)
+    refused(["report", path, *FAST], 1, "'helpers'", "outside _modules", files=[path])
+
+
+def test_filled_hooks_are_refused(tmp_path):
+    model = mlp()
+    model.register_forward_hook(lambda m, i, o: o * 0)
+    path = tmp_path / "hook.pt"
+    # torch.save keeps the hook dict; its lambda makes the file need --trust at best
+    with pytest.raises(Exception):  # noqa: B017  a lambda does not pickle at all
+        save_torchslim(model, path, (8,))
+    model._forward_hooks.clear()
+    model.__dict__["_forward_hooks"][0] = nn.Identity()  # a module as a hook: callable
+    save_torchslim(model, path, (8,))
+    refused(["report", path, *FAST], 1, "_forward_hooks", files=[path])
+
+
+def test_clean_model_still_measures_its_own_macs(tmp_path):
+    path = save_torchslim(mlp(), tmp_path / "clean.pt", (8,))
+    loaded = load_model(path)
+    assert loaded.model(torch.randn(2, 8)).shape == (2, 4)
+    res = runner.invoke(app, ["report", str(path), "-f", "json", *FAST])
+    assert res.exit_code == 0, res.output
+    assert '"macs": 768' in res.output  # 8*64 + 64*4
+
+
+# --- 4. work bounded by the file ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name, model, shape, needle", [
+    ("pad", nn.Sequential(nn.Conv2d(1, 2, 3, padding=100000), nn.Flatten()), (1, 8, 8),
+     "convolution"),
+    ("upsample", nn.Sequential(nn.Upsample(scale_factor=30000), nn.Flatten()), (1, 8, 8),
+     "upsample"),
+    ("pool", nn.Sequential(nn.AdaptiveAvgPool2d((100000, 100000)), nn.Flatten()), (1, 8, 8),
+     "adaptive_avg_pool"),
+    ("input", nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (1, 100000, 100000),
+     "an input of shape 32x1x100000x100000"),
+])
+def test_huge_activations_refused_from_shapes(tmp_path, name, model, shape, needle):
+    path = save_torchslim(model, tmp_path / f"{name}.pt", shape)
+    refused(["report", path, *FAST], 1, needle, "GB in one tensor", "TORCHSLIM_MAX_MEMORY",
+            files=[path])
+
+
+def test_memory_limit_override(tmp_path, monkeypatch):
+    path = save_torchslim(mlp(), tmp_path / "m.pt", (8,))
+    # 8 x 64 floats at batch 32 is 64 KB: a 10 KB limit refuses it, naming the variable
+    out = refused(["report", path, *FAST], 1, "(TORCHSLIM_MAX_MEMORY)", files=[path],
+                  env={"TORCHSLIM_MAX_MEMORY": "10K"})
+    assert "0.0 GB" in out
+    refused(["report", path, *FAST], 2, "TORCHSLIM_MAX_MEMORY", files=[path],
+            env={"TORCHSLIM_MAX_MEMORY": "lots"})
+
+
+@pytest.mark.parametrize("layer, needle", [
+    ("linear", "states 100000->100000 but holds weight (4, 8)"),
+    ("conv", "states weight (100000, 1, 3, 3) but holds weight (2, 1, 3, 3)"),
+    ("embedding", "states 100000x100000 but holds weight (10, 4)"),
+])
+def test_attributes_that_contradict_weights_are_refused(tmp_path, layer, needle):
+    if layer == "linear":
+        m = nn.Linear(8, 4)
+        m.in_features = m.out_features = 100000
+        model, shape = nn.Sequential(m), (8,)
+    elif layer == "conv":
+        m = nn.Conv2d(1, 2, 3)
+        m.out_channels = 100000
+        model, shape = nn.Sequential(m, nn.Flatten()), (1, 8, 8)
+    else:
+        m = nn.Embedding(10, 4)
+        m.num_embeddings = m.embedding_dim = 100000
+        model, shape = nn.Sequential(m), (3,)
+    path = save_torchslim(model, tmp_path / f"{layer}.pt", shape)
+    for cmd in (["report", path, *FAST], ["swap", path, "-o", tmp_path / "out.pt"]):
+        refused(cmd, 1, needle, files=[path])
+    assert not (tmp_path / "out.pt").exists()
+
+
+def onnx_file(path: Path, nodes, inits, inp=("x", [1, 4])) -> Path:
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info(inp[0], T.FLOAT, inp[1])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], initializer=inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def i64(name, values):
+    return nh.from_array(np.array(values, np.int64), name)
+
+
+def test_onnx_constant_of_shape_huge(tmp_path):
+    path = onnx_file(tmp_path / "cos.onnx", [
+        h.make_node("ConstantOfShape", ["s"], ["c"],
+                    value=nh.from_array(np.array([1.0], np.float32))),
+        h.make_node("ReduceSum", ["c"], ["r"], keepdims=0),
+        h.make_node("Add", ["x", "r"], ["y"])], [i64("s", [100000, 100000])])
+    refused(["report", path, *FAST], 1, "37.3 GB", "'c'", files=[path])
+
+
+def test_onnx_expand_huge(tmp_path):
+    path = onnx_file(tmp_path / "expand.onnx", [
+        h.make_node("Expand", ["x", "s"], ["e"]),
+        h.make_node("ReduceSum", ["e"], ["y"], keepdims=0)], [i64("s", [100000, 100000, 4])])
+    refused(["report", path, *FAST], 1, "149.0 GB", "'e'", files=[path])
+
+
+def test_onnx_static_input_huge(tmp_path):
+    path = onnx_file(tmp_path / "static.onnx", [h.make_node("Identity", ["x"], ["y"])], [],
+                     inp=("x", [1, 100000, 100000]))
+    refused(["report", path, *FAST], 1, "37.3 GB", files=[path])
+
+
+def loop_file(path: Path, trips) -> Path:
+    body = h.make_graph(
+        [h.make_node("Identity", ["c_in"], ["c_out"]), h.make_node("Identity", ["v"], ["v_out"])],
+        "body", [h.make_tensor_value_info("i", T.INT64, []),
+                 h.make_tensor_value_info("c_in", T.BOOL, []),
+                 h.make_tensor_value_info("v", T.FLOAT, [1, 4])],
+        [h.make_tensor_value_info("c_out", T.BOOL, []),
+         h.make_tensor_value_info("v_out", T.FLOAT, [1, 4])])
+    inits = [nh.from_array(np.array(True), "t")]
+    if trips is not None:
+        inits.append(i64("n", trips))
+    return onnx_file(path, [h.make_node("Loop", ["n" if trips is not None else "", "t", "x"],
+                                        ["y"], body=body, name="forever")], inits)
+
+
+def test_onnx_endless_loop_refused_without_trust(tmp_path):
+    path = loop_file(tmp_path / "loop.onnx", None)
+    refused(["report", path, *FAST], 1, "Loop (forever)", "may never end", "--trust",
+            files=[path])
+    big = loop_file(tmp_path / "long.onnx", 10**12)
+    refused(["report", big, *FAST], 1, "1000000000000 iterations", files=[big])
+
+
+def test_onnx_bounded_loop_runs(tmp_path):
+    path = loop_file(tmp_path / "ok.onnx", 3)
+    res = runner.invoke(app, ["report", str(path), "-f", "json", *FAST])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("as_", ["model", "data"])
+def test_fifo_refused_without_hanging(tmp_path, as_):
+    fifo = tmp_path / ("pipe.pt" if as_ == "model" else "pipe.npz")
+    os.mkfifo(fifo)
+    model = save_torchslim(mlp(), tmp_path / "m.pt", (8,))
+    args = ["report", fifo] if as_ == "model" else ["report", model, "--data", fifo]
+    refused([*args, *FAST], 1, "is a FIFO (named pipe), not a regular file", seconds=20)
+
+
+def test_device_refused_as_model():
+    refused(["report", "/dev/zero", *FAST], 1, "is a device, not a regular file")
