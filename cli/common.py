@@ -25,16 +25,32 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
 from ..compress.io import WRITTEN, LoadedModel, LoadOptions, trust_env
 from ..compress.train import Callbacks, EpochStats
+from .render import safe_markup, safe_text
 
-stderr_console = Console(stderr=True)
+
+class SafeConsole(Console):
+    """A console that never passes a control character through: whatever a site forgot to
+    escape, an ESC from a file's content reaches the terminal as the text ``\\x1b``."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(safe_text(o, multiline=True) if isinstance(o, str) else o
+                        for o in objects), **kwargs)
+
+    def status(self, status, *args, **kwargs):
+        return super().status(safe_text(status) if isinstance(status, str) else status,
+                              *args, **kwargs)
+
+
+stderr_console = SafeConsole(stderr=True)
 # Piped or redirected output gets a wide table rather than rich's 80-column default.
-stdout_console = Console() if Console().is_terminal else Console(width=180)
+stdout_console = SafeConsole() if Console().is_terminal else SafeConsole(width=180)
 
 
 @dataclass
@@ -220,7 +236,9 @@ def interrupted_message(signum: int) -> str:
 def fail(message: str, code: int = 1):
     if STATE.verbose:
         stderr_console.print(traceback.format_exc(), markup=False, highlight=False)
-    stderr_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message names paths and file content: printed as text, one line, never markup
+    stderr_console.print(Text.assemble(("error:", "bold red"), " ", safe_text(message)),
+                         highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -296,7 +314,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def open_model(path: Path, load: LoadOptions | None = None) -> LoadedModel:
-    with stderr_console.status(f"loading {path}..."):
+    with stderr_console.status(f"loading {safe_markup(path)}..."):
         return (load or LoadOptions()).load(path)
 
 
@@ -334,7 +352,7 @@ def open_data(
         size = tuple(shape[1:])
     if channels is None and shape:
         channels = shape[0]
-    with stderr_console.status(f"loading data {spec}..."):
+    with stderr_console.status(f"loading data {safe_markup(spec)}..."):
         return load_data(spec, size=size, channels=channels, seed=seed,
                          train_limit=train_limit, like=model_spec, strict_image=stated)
 

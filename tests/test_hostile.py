@@ -294,3 +294,147 @@ def test_fifo_refused_without_hanging(tmp_path, as_):
 
 def test_device_refused_as_model():
     refused(["report", "/dev/zero", *FAST], 1, "is a device, not a regular file")
+
+
+# --- 3. one rendering rule: file, path and environment strings are text -------------
+
+HOSTILE = "a[/x]\x1b]0;pwned\x07\x1b[2J[bold]b\nc"  # markup, OSC title, clear screen, newline
+
+
+def hostile_model(folder: Path) -> Path:
+    from torchslim.compress.io import ModelMeta, history_entry, save_model
+
+    sub = folder / "d["  # the path itself holds "[/x]" and ESC
+    sub.mkdir()
+    meta = ModelMeta(input_shape=(8,), class_names=[HOSTILE],
+                     history=[history_entry(HOSTILE, {"ratio": HOSTILE}, {"params": 36},
+                                            {"params": 36}, notes=[HOSTILE])])
+    return save_model(nn.Sequential(nn.Linear(8, 4)), sub / "x]\x1b\x07name.pt", meta)
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
+def test_hostile_strings_print_as_text(tmp_path, fmt):
+    path = hostile_model(tmp_path)
+    before = digest(path)
+    res = runner.invoke(app, ["report", str(path), "-f", fmt, *FAST])
+    out = res.output
+    assert res.exit_code == 0, out
+    assert "\x1b" not in out and "\x07" not in out and "MarkupError" not in out
+    if fmt == "json":
+        import json
+        rows = json.loads(res.stdout)
+        assert rows[0]["model"] == str(path)  # json keeps the exact string, escaped
+    else:
+        assert "x]\\x1b\\x07name.pt" in out  # visible escapes, brackets kept as text
+    if fmt in ("table", "markdown"):
+        assert "a[/x]\\x1b]0;pwned\\x07\\x1b[2J[bold]b\\x0ac" in out  # the history row
+    assert digest(path) == before
+
+
+def test_hostile_path_in_error_line(tmp_path):
+    missing = tmp_path / "no[/x]\x1b[2Jne\x07.pt"
+    out = refused(["report", missing, *FAST], 1, "model file not found",
+                  "no[/x]\\x1b[2Jne\\x07.pt")
+    assert "[/x]" in out
+
+
+def test_hostile_class_name_in_needs_trust_line(tmp_path):
+    import types
+    mod = types.ModuleType("evil_mod")
+    cls = type("Net\x1b]0;t\x07[/x]", (nn.Linear,), {"__module__": "evil_mod"})
+    mod.__dict__[cls.__name__] = cls
+    import pickle
+    import sys
+    sys.modules["evil_mod"] = mod
+    try:
+        path = tmp_path / "cls.pt"
+        torch.save(cls(2, 2), path, pickle_protocol=2)
+    finally:
+        del sys.modules["evil_mod"]
+    del pickle
+    refused(["report", path, *FAST], 1, "evil_mod.Net\\x1b]0;t\\x07[/x]", "--trust",
+            files=[path])
+
+
+def test_hostile_environment_value_in_error_line(tmp_path):
+    path = save_torchslim(mlp(), tmp_path / "m.pt", (8,))
+    refused(["report", path, *FAST], 2, "'\\x1b[2J[/x]'", files=[path],
+            env={"TORCHSLIM_TRUST": "\x1b[2J[/x]"})
+
+
+def test_onnx_node_names_print_as_text(tmp_path):
+    path = onnx_file(tmp_path / "names.onnx", [
+        h.make_node("Relu", ["x"], ["r"], name="relu[/x]\x1b[2J"),
+        h.make_node("Identity", ["r"], ["y"], name="id\x07")], [])
+    res = runner.invoke(app, ["report", str(path), "--layers", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert "relu[/x]\\x1b[2J" in res.output
+
+
+def test_safe_text_rule():
+    from torchslim.cli.render import safe_markup, safe_text
+
+    assert safe_text("a\x1bb\x07c\nd\u202e") == "a\\x1bb\\x07c\\x0ad\\u202e"
+    assert safe_text("l1\nl2\tx", multiline=True) == "l1\nl2\tx"
+    assert safe_markup("[/x]") == "\\[/x]"
+
+
+# --- 5. numbers a file cannot fake ----------------------------------------------------
+
+
+def _onnx_rows(out: str) -> list[dict]:
+    import json
+
+    return [r for r in json.loads(out) if r["runtime"] == "onnxruntime"]
+
+
+def test_planted_cache_entry_is_rebuilt_with_a_note(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"TORCHSLIM_CACHE_DIR": str(cache)}
+    torch.manual_seed(0)
+    small = save_torchslim(nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2)),
+                           tmp_path / "small.pt", (8,))  # 706 params
+    big = save_torchslim(nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 2)),
+                         tmp_path / "big.pt", (8,))  # 1,410 params
+    args = ["-f", "json", "--runtime", "onnxruntime", *FAST]
+    first = runner.invoke(app, ["report", str(big), *args], env=env)
+    assert first.exit_code == 0, first.output
+    assert _onnx_rows(first.stdout)[0]["params"] == 1410
+    assert (cache / "onnx").stat().st_mode & 0o777 == 0o700
+    entry = next((cache / "onnx").glob("big-*.onnx"))
+    # plant the small model's export under the big model's key, record and all
+    runner.invoke(app, ["report", str(small), *args], env=env)
+    planted = next((cache / "onnx").glob("small-*.onnx"))
+    entry.write_bytes(planted.read_bytes())
+    res = runner.invoke(app, ["report", str(big), *args], env=env)
+    assert res.exit_code == 0, res.output
+    row = _onnx_rows(res.stdout)[0]
+    assert row["params"] == 1410  # not 706: the planted entry was not measured
+    assert any("changed after it was made: rebuilt" in n for n in row["notes"])
+    # a forged record naming the planted file's hash is still refused: wrong source key
+    import json
+    rec = entry.with_name(entry.name + ".json")
+    forged = json.loads(rec.read_text())
+    entry.write_bytes(planted.read_bytes())
+    forged["sha256"] = digest(entry)
+    forged["source"] = "0" * 64
+    rec.write_text(json.dumps(forged))
+    res = runner.invoke(app, ["report", str(big), *args], env=env)
+    row = _onnx_rows(res.stdout)[0]
+    assert row["params"] == 1410
+    assert any("made from another model: rebuilt" in n for n in row["notes"])
+
+
+def test_cache_folder_writable_by_others_is_not_used(tmp_path):
+    cache = tmp_path / "shared"
+    (cache / "onnx").mkdir(parents=True)
+    (cache / "onnx").chmod(0o777)
+    path = save_torchslim(mlp(), tmp_path / "m.pt", (8,))
+    res = runner.invoke(app, ["report", str(path), "-f", "json", "--runtime", "onnxruntime",
+                              *FAST], env={"TORCHSLIM_CACHE_DIR": str(cache)})
+    assert res.exit_code == 0, res.output
+    row = _onnx_rows(res.stdout)[0]
+    assert row["params"] == 836
+    assert any("not private to this user" in n for n in row["notes"])
+    assert not list((cache / "onnx").iterdir())
