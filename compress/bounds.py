@@ -187,43 +187,61 @@ _CONTROL_FLOW = ("Loop", "Scan", "If")
 MAX_LOOP_TRIPS = 100_000
 
 
-def largest_onnx_tensor(proto, spec, batch: int) -> tuple[int, str]:
-    """(bytes, tensor name) of the largest tensor ONNX shape inference (with data
-    propagation, so ConstantOfShape/Expand of constant shapes are sized) finds in
-    ``proto`` with its inputs fixed to ``spec`` at ``batch``; (0, "") when unknown."""
+def infer_shapes(proto, shapes):
+    """``proto`` after ONNX shape inference with data propagation (so ConstantOfShape and
+    Expand of constant shapes are sized), its graph inputs fixed to ``shapes`` (full shapes,
+    batch first) where the ranks agree; None when inference cannot follow the graph."""
     import onnx
-    from onnx import helper, shape_inference
+    from onnx import shape_inference
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    graph_inputs = [i for i in model.graph.input
-                    if i.name not in {t.name for t in model.graph.initializer}]
-    for vi, t in zip(graph_inputs, spec.tensors if spec is not None else (), strict=False):
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    for vi, shape in zip(graph_inputs, shapes, strict=False):
         dims = vi.type.tensor_type.shape.dim
-        shape = (batch, *t.sample_shape)
         if len(dims) == len(shape):
             for d, n in zip(dims, shape, strict=True):
                 d.Clear()
                 d.dim_value = int(n)
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        return shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001  a graph inference cannot follow: no estimate
-        return 0, ""
-    peak, where = 0, ""
+        return None
+
+
+def known_shapes(inferred) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, element type) of every tensor whose shape inference fixed fully."""
     g = inferred.graph
+    out = {t.name: (tuple(t.dims), t.data_type) for t in g.initializer}
     for vi in [*g.value_info, *g.output, *g.input]:
         tt = vi.type.tensor_type
         if not tt.HasField("shape") or tt.elem_type == 0:
             continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in tt.shape.dim]
+        if None not in dims:
+            out[vi.name] = (tuple(dims), tt.elem_type)
+    return out
+
+
+def largest_onnx_tensor(proto, spec, batch: int) -> tuple[int, str]:
+    """(bytes, tensor name) of the largest tensor shape inference finds in ``proto`` with
+    its inputs fixed to ``spec`` at ``batch``; (0, "") when unknown."""
+    from onnx import helper
+
+    shapes = [(batch, *t.sample_shape) for t in spec.tensors] if spec is not None else []
+    inferred = infer_shapes(proto, shapes)
+    if inferred is None:
+        return 0, ""
+    peak, where = 0, ""
+    for name, (shape, elem) in known_shapes(inferred).items():
         numel = 1
-        for d in tt.shape.dim:
-            if not d.HasField("dim_value") or d.dim_value < 0:
-                break
-            numel *= d.dim_value
-        else:
-            size = numel * helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
-            if size > peak:
-                peak, where = size, vi.name
+        for d in shape:
+            numel *= d
+        size = numel * helper.tensor_dtype_to_np_dtype(elem).itemsize
+        if size > peak:
+            peak, where = size, name
     return peak, where
 
 

@@ -438,3 +438,36 @@ def test_cache_folder_writable_by_others_is_not_used(tmp_path):
     assert row["params"] == 836
     assert any("not private to this user" in n for n in row["notes"])
     assert not list((cache / "onnx").iterdir())
+
+
+def _with_stated_macs(path: Path, macs: str) -> Path:
+    m = onnx.load(str(path))
+    m.metadata_props.add(key="torchslim.macs", value=macs)
+    onnx.save(m, str(path))
+    return path
+
+
+def test_onnx_stated_macs_are_checked_against_the_graph(tmp_path):
+    w = nh.from_array(np.ones((4, 3), np.float32), "w")
+    path = _with_stated_macs(onnx_file(tmp_path / "claims.onnx", [
+        h.make_node("MatMul", ["x", "w"], ["y"])], [w]), "999999")
+    res = runner.invoke(app, ["report", str(path), "-f", "json", *FAST])
+    assert res.exit_code == 0, res.output
+    import json
+    row = json.loads(res.stdout)[0]
+    assert row["macs"] == 12  # 1x4 @ 4x3, counted; not the 999,999 the file states
+    assert "the file states 999,999 MACs; torchslim counts 12 (shown)" in row["notes"]
+
+
+def test_onnx_stated_macs_shown_as_stated_when_uncountable(tmp_path):
+    ws = [nh.from_array(np.ones((1, 2, 4), np.float32), "W"),
+          nh.from_array(np.ones((1, 2, 2), np.float32), "R")]
+    path = _with_stated_macs(onnx_file(tmp_path / "rnn.onnx", [
+        h.make_node("RNN", ["x3", "W", "R"], ["seq", "y"], hidden_size=2)],
+        ws, inp=("x3", [1, 3, 4])), "777")
+    res = runner.invoke(app, ["report", str(path), "-f", "json", *FAST])
+    assert res.exit_code == 0, res.output
+    import json
+    row = json.loads(res.stdout)[0]
+    assert row["macs"] == 777
+    assert any("MACs 777 stated by the file, not measured" in n for n in row["notes"])
