@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ..compress.bounds import check_inputs, check_torch
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
@@ -326,6 +327,8 @@ def input_spec(loaded: LoadedModel, split: DataSplit | None = None) -> InputSpec
     if spec is None:
         raise TorchslimError("cannot tell the model's input: pass --input-shape C,H,W, or "
                              "--input SHAPE:DTYPE per input (e.g. --input 1,20:int64), or --data")
+    check_inputs(spec, 1)  # before any command traces or runs the model on it
+    check_torch(loaded.model, spec.example(1), 1, loaded.name)
     return spec
 
 

@@ -3,7 +3,7 @@
 A few-KB file can state a conv padding of 100000, an upsample x30000, an input of
 1x100000x100000 or an ONNX ``ConstantOfShape`` of a trillion elements: running it asks the
 allocator for tens of GB to TB. Before a model runs on an input, its tensors' sizes are
-worked out from shapes alone (torch: a pass under ``FakeTensorMode``, which allocates
+worked out from shapes alone (torch: a pass on the ``meta`` device, which allocates
 nothing; ONNX: shape inference with data propagation) and the run is refused when one
 tensor would pass :func:`memory_limit`. Special files (FIFOs, devices) are refused as
 models or data, since reading one can block forever or never end.
@@ -11,6 +11,7 @@ models or data, since reading one can block forever or never end.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -92,10 +93,10 @@ def check_inputs(spec, batch: int) -> None:
 
 
 def largest_torch_tensor(model: nn.Module, example: tuple) -> tuple[int, str]:
-    """(bytes, op) of the largest tensor one op makes in ``model(*example)``, from a pass
-    under FakeTensorMode (no memory is allocated); (0, "") when it cannot be worked out
-    (data-dependent shapes, TorchScript): the real run's own errors then apply."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """(bytes, op) of the largest tensor one op makes in ``model(*example)``, from a pass on
+    the ``meta`` device (shapes only, nothing allocated) of a copy whose weights are meta
+    tensors; (0, "") when it cannot be worked out (data-dependent shapes, ops without meta
+    kernels, TorchScript): the real run's own errors then apply."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -115,13 +116,21 @@ def largest_torch_tensor(model: nn.Module, example: tuple) -> tuple[int, str]:
         return 0, ""
     rec = Largest()
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = tuple(mode.from_tensor(x) for x in example)
-            with rec:
-                model(*fake)
-    except Exception:  # noqa: BLE001  an op fake tensors cannot run: no estimate, not an error
+        # the copy shares nothing with the model: what forward caches or updates (cast
+        # weights, running statistics) stays in the copy, and its weights cost no memory
+        memo = {id(t): _meta_like(t) for t in (*model.parameters(), *model.buffers())}
+        meta_model = copy.deepcopy(model, memo)
+        fake = tuple(torch.empty_like(x, device="meta") for x in example)
+        with torch.no_grad(), rec:
+            meta_model(*fake)
+    except Exception:  # noqa: BLE001  an op meta tensors cannot run: no estimate, not an error
         return rec.peak, rec.where
     return rec.peak, rec.where
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
 
 
 def check_torch(model, example: tuple, batch: int, name: str) -> None:
