@@ -192,7 +192,8 @@ def _image_folder(root: Path, size, channels):
     mode = "L" if (channels or 1) == 1 else "RGB"
     images, labels = [], []
     for label, cls in enumerate(classes):
-        files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / cls).iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())  # no FIFOs
         for f in files:
             try:
                 with Image.open(f) as im:

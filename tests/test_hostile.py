@@ -471,3 +471,19 @@ def test_onnx_stated_macs_shown_as_stated_when_uncountable(tmp_path):
     row = json.loads(res.stdout)[0]
     assert row["macs"] == 777
     assert any("MACs 777 stated by the file, not measured" in n for n in row["notes"])
+
+
+def test_fifo_inside_an_image_folder_is_skipped(tmp_path):
+    from PIL import Image
+
+    from torchslim.compress.data import load_data
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (8, 8), color=40 * i).save(tmp_path / "imgs" / cls / f"{i}.png")
+    os.mkfifo(tmp_path / "imgs" / "a" / "pipe.png")  # Image.open on it would block
+    start = time.perf_counter()
+    split = load_data(str(tmp_path / "imgs"), val_fraction=0.2)
+    assert len(split.train) + len(split.val) == 10
+    assert time.perf_counter() - start < 20
