@@ -286,7 +286,7 @@ def history_rows(history: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 
 def rich_history(name: str, history: Sequence[dict]) -> Table:
     headers, body = history_rows(history)
-    table = Table(title=f"history of {name}", header_style="bold magenta")
+    table = Table(title=f"history of {name} (as stated by the file)", header_style="bold magenta")
     for h in headers:
         table.add_column(h)
     for line in body:

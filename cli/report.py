@@ -121,7 +121,7 @@ def _emit_markdown(records, histories, top: int, layered: bool) -> None:
     for name, hist in _unique(histories):
         if hist:
             headers, body = history_rows(hist)
-            typer.echo(f"\nHistory of {safe_text(name)}:\n")
+            typer.echo(f"\nHistory of {safe_text(name)} (as stated by the file):\n")
             typer.echo(tabulate(body, headers=headers, tablefmt="github"))
     typer.echo(f"\n{env_line(records[0].get('env') or {})}")
 
