@@ -25,16 +25,33 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
+from ..compress.bounds import check_inputs, check_torch
 from ..compress.data import DataSplit, load_data, parse_size
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
-from ..compress.io import WRITTEN, LoadedModel, LoadOptions
+from ..compress.io import WRITTEN, LoadedModel, LoadOptions, trust_env
 from ..compress.train import Callbacks, EpochStats
+from .render import safe_markup, safe_text
 
-stderr_console = Console(stderr=True)
+
+class SafeConsole(Console):
+    """A console that never passes a control character through: whatever a site forgot to
+    escape, an ESC from a file's content reaches the terminal as the text ``\\x1b``."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(safe_text(o, multiline=True) if isinstance(o, str) else o
+                        for o in objects), **kwargs)
+
+    def status(self, status, *args, **kwargs):
+        return super().status(safe_text(status) if isinstance(status, str) else status,
+                              *args, **kwargs)
+
+
+stderr_console = SafeConsole(stderr=True)
 # Piped or redirected output gets a wide table rather than rich's 80-column default.
-stdout_console = Console() if Console().is_terminal else Console(width=180)
+stdout_console = SafeConsole() if Console().is_terminal else SafeConsole(width=180)
 
 
 @dataclass
@@ -220,7 +237,9 @@ def interrupted_message(signum: int) -> str:
 def fail(message: str, code: int = 1):
     if STATE.verbose:
         stderr_console.print(traceback.format_exc(), markup=False, highlight=False)
-    stderr_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message names paths and file content: printed as text, one line, never markup
+    stderr_console.print(Text.assemble(("error:", "bold red"), " ", safe_text(message)),
+                         highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -269,6 +288,7 @@ def model_options(fn: Callable) -> Callable:
 def load_options(*, trust=False, arch=None, num_classes=None, in_channels=None,
                  input_shape=None, input_=None, code_path=None) -> LoadOptions:
     """The command-line values -> LoadOptions (usage errors say which option was wrong)."""
+    trust_env()  # an unclear TORCHSLIM_TRUST is refused before anything is opened
     if input_shape and input_:
         raise UsageError("give --input-shape (one image input) or --input (any inputs), "
                          "not both")
@@ -295,7 +315,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def open_model(path: Path, load: LoadOptions | None = None) -> LoadedModel:
-    with stderr_console.status(f"loading {path}..."):
+    with stderr_console.status(f"loading {safe_markup(path)}..."):
         return (load or LoadOptions()).load(path)
 
 
@@ -307,6 +327,8 @@ def input_spec(loaded: LoadedModel, split: DataSplit | None = None) -> InputSpec
     if spec is None:
         raise TorchslimError("cannot tell the model's input: pass --input-shape C,H,W, or "
                              "--input SHAPE:DTYPE per input (e.g. --input 1,20:int64), or --data")
+    check_inputs(spec, 1)  # before any command traces or runs the model on it
+    check_torch(loaded.model, spec.example(1), 1, loaded.name)
     return spec
 
 
@@ -333,7 +355,7 @@ def open_data(
         size = tuple(shape[1:])
     if channels is None and shape:
         channels = shape[0]
-    with stderr_console.status(f"loading data {spec}..."):
+    with stderr_console.status(f"loading data {safe_markup(spec)}..."):
         return load_data(spec, size=size, channels=channels, seed=seed,
                          train_limit=train_limit, like=model_spec, strict_image=stated)
 

@@ -42,7 +42,7 @@ from .common import (
     stderr_console,
     stdout_console,
 )
-from .render import render_text, rich_table
+from .render import render_text, rich_table, safe_markup
 
 EPILOG = (
     "Examples:\n\n"
@@ -102,7 +102,7 @@ class _LiveTable:
                 stderr_console.line()
 
     def stage(self, text: str) -> None:
-        stderr_console.print(f"[dim]→ {text}[/]", highlight=False)
+        stderr_console.print(f"[dim]→ {safe_markup(text)}[/]", highlight=False)
 
     def __enter__(self) -> _LiveTable:
         self.live.__enter__()
@@ -221,7 +221,7 @@ def register(app: typer.Typer) -> None:
         loaded = open_model(model, load)
         require_module(loaded, "compress")  # TorchScript/ONNX fail here, before any output
         for w in warnings:
-            stderr_console.print(f"[yellow]warning:[/] {w}")
+            stderr_console.print(f"[yellow]warning:[/] {safe_markup(w)}")
         split = (open_data(data, image_size=image_size, channels=channels, seed=seed,
                            like=loaded, train_limit=train_limit) if data else None)
         if dump_recipe_to is not None:
@@ -237,7 +237,7 @@ def register(app: typer.Typer) -> None:
         stdout_console.print(rich_table(rows, title=f"torchslim compress: {model.name}"))
         written = [result.output, *([result.fp32_output] if result.fp32_output else []),
                    *reports]
-        stderr_console.print("wrote " + ", ".join(str(p) for p in written))
+        stderr_console.print("wrote " + ", ".join(safe_markup(p) for p in written))
 
 
 def _usage(message: str):

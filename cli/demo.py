@@ -34,7 +34,7 @@ from .common import (
     stderr_console,
     stdout_console,
 )
-from .render import render_text, rich_table
+from .render import render_text, rich_table, safe_markup
 from .train import train_registry_model
 
 SEED_SIZE = (60, 120)  # the seed's PD sensor images are 1x60x120
@@ -126,7 +126,7 @@ def _run(workdir: Path, epochs: int, threads: int | None, fmt: str) -> None:
                          "int8 (QAT)")
     result = run_pipeline(
         load_model(base), recipe, out, data=data, threads=threads,
-        hooks=Hooks(stage=lambda t: stderr_console.print(f"[dim]→ {t}[/]"),
+        hooks=Hooks(stage=lambda t: stderr_console.print(f"[dim]→ {safe_markup(t)}[/]"),
                     training=fit_progress),
     )
     for step in result.steps[1:]:
@@ -216,7 +216,7 @@ def _show(rows: list[dict], fmt: str) -> None:
     if fmt in ("markdown", "csv"):
         typer.echo(render_text(rows, fmt))
         return
-    from rich.table import Table
+    from .render import Table
 
     stdout_console.print(rich_table(rows, title="torchslim demo: digits at 1x60x120, CPU"))
     table = Table(title="the seed's story: smaller, faster, and how many points lost",

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import typer
 from rich.live import Live
-from rich.table import Table
 
 from ..compress import pareto
 from ..compress.candidates import Context, baseline_record, search_split, spec_from_recipe
@@ -36,7 +35,7 @@ from ..compress.search import (
 )
 from .common import fit_progress, open_data, open_model, stderr_console
 from .common import stdout_console as out
-from .render import fmt_bytes, fmt_count
+from .render import Table, fmt_bytes, fmt_count, safe_markup
 
 
 def goal_config(o: dict) -> SearchConfig:
@@ -109,8 +108,8 @@ def run_goal(o: dict) -> None:
     base = open_data(o["data"], image_size=o["image_size"], channels=o["channels"],
                      seed=cfg.seed, like=loaded, train_limit=o["train_limit"])
     split = search_split(base, cfg.test_share, cfg.seed)
-    stderr_console.print(f"[dim]{split.describe()} (validation chooses, test reports; both "
-                         "held out from training)[/]")
+    stderr_console.print(f"[dim]{safe_markup(split.describe())} (validation chooses, test "
+                         "reports; both held out from training)[/]")
     _warn_if_coarse(split, cfg.max_acc_drop)
     space = None
     if o["recipe"] is not None and any(o[k] for k in ("swap", "act", "prune", "quantize")):
@@ -150,7 +149,8 @@ def _context(o, cfg, loaded, teacher, split, workdir: Path) -> Context:
                    trust=o["load"].trust,
                    min_run_time=o["min_time"], qat_epochs=cfg.qat_epochs,
                    distill_alpha=cfg.distill_alpha,
-                   say=lambda t: stderr_console.print(f"[dim]→ {t}[/]", highlight=False),
+                   say=lambda t: stderr_console.print(f"[dim]→ {safe_markup(t)}[/]",
+                                                      highlight=False),
                    training=fit_progress)
 
 
@@ -183,9 +183,9 @@ def _search_and_write(o, cfg, loaded, teacher, split, workdir: Path, space) -> N
         if o["dump_recipe_to"] is not None:
             _dump(result.chosen, o["dump_recipe_to"], o["force"])
             written.append(o["dump_recipe_to"])
-    stderr_console.print("wrote " + ", ".join(str(p) for p in written))
+    stderr_console.print("wrote " + ", ".join(safe_markup(p) for p in written))
     if result.status != "met":
-        stderr_console.print(f"[bold red]error:[/] {result.message}", highlight=False)
+        stderr_console.print(f"[bold red]error:[/] {safe_markup(result.message)}", highlight=False)
         raise typer.Exit(1)
 
 

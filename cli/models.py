@@ -6,12 +6,12 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from tabulate import tabulate
 
 from ..compress.measure import count_macs, count_params
 from ..models.registry import create_model, list_models, model_info
 from .common import FormatOpt, check_format, command, stdout_console
+from .render import Table
 
 
 def _rows(pattern: str) -> list[dict]:

@@ -37,7 +37,7 @@ from .common import (
     stderr_console,
     stdout_console,
 )
-from .render import fmt_count, fmt_pct, render_text, rich_table
+from .render import fmt_count, fmt_pct, render_text, rich_table, safe_markup
 
 IgnoreOpt = Annotated[
     list[str] | None,
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         sens.save(result, output, force=force, inputs=[model_path])
         sens.plot(result, plot, force=force, inputs=[model_path])
         _emit_sensitivity(result, fmt)
-        stderr_console.print(f"[dim]wrote {output} and {plot}[/]")
+        stderr_console.print(f"[dim]wrote {safe_markup(output)} and {safe_markup(plot)}[/]")
 
 
 def _parse_ratios(text: str) -> list[float]:
@@ -233,7 +233,7 @@ def _parse_ratios(text: str) -> list[float]:
 
 def _run(model, cfg, example, split, train_cfg, distill):
     def say(msg: str) -> None:
-        stderr_console.print(f"[dim]{msg}[/]")
+        stderr_console.print(f"[dim]{safe_markup(msg)}[/]")
 
     if train_cfg is None or train_cfg.epochs == 0:
         return prune_model(model, cfg, example, data=split, train_cfg=train_cfg, on_stage=say)
@@ -244,7 +244,7 @@ def _run(model, cfg, example, split, train_cfg, distill):
 
 def _emit(rows, report, fmt: str) -> None:
     for note in report.notes:
-        stderr_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        stderr_console.print(f"[yellow]note:[/] {safe_markup(note)}", highlight=False)
     if report.pruned_top1 is not None:
         stderr_console.print(f"[dim]top-1 right after pruning (before fine-tuning): "
                              f"{fmt_pct(report.pruned_top1)}%[/]")
@@ -271,7 +271,7 @@ def _emit_sensitivity(result, fmt: str) -> None:
     if fmt == "json":
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    from rich.table import Table
+    from .render import Table
 
     table = Table(title=f"val top-1 % when one layer is pruned (unpruned "
                         f"{fmt_pct(result.baseline)})", header_style="bold cyan")

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from tabulate import tabulate
 
 from ..compress.data import check_classes
@@ -35,7 +34,7 @@ from .common import (
     stderr_console,
     stdout_console,
 )
-from .render import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+from .render import Table, fmt_bytes, fmt_count, fmt_ms, fmt_pct
 
 EPILOG = (
     "Examples:\n\n"

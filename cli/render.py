@@ -5,13 +5,61 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Table as _RichTable
+from rich.text import Text
 from tabulate import tabulate
 
 from ..compress.quantize import rate_speedups
+
+# --- one rendering rule ----------------------------------------------------------------
+# Every string that comes from a file, a path or the environment is shown as text, never
+# markup, with control characters made visible: a model name holding ESC sequences must not
+# retitle or clear the terminal, and a "[/x]" in a path must not crash rich.
+# C0 and C1 controls, DEL, and the bidi overrides that reorder what a reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_MULTILINE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029"
+                                "\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe_text(value: Any, *, multiline: bool = False) -> str:
+    """``value`` as one line of plain text: control characters (newlines too, unless
+    ``multiline``) replaced by visible escapes, ESC shown as ``\\x1b``."""
+    return (_CONTROL_MULTILINE if multiline else _CONTROL).sub(_visible, str(value))
+
+
+def safe_markup(value: Any) -> str:
+    """``value`` to put inside a rich markup string: escaped, so it prints as it reads."""
+    return escape(safe_text(value))
+
+
+def as_text(value: Any) -> Any:
+    """A table cell or title: a str becomes rich Text (never parsed as markup)."""
+    return Text(safe_text(value)) if isinstance(value, str) else value
+
+
+class Table(_RichTable):
+    """rich's Table whose string cells, title and caption are text, not markup."""
+
+    def __init__(self, *args, title=None, caption=None, **kwargs):
+        super().__init__(*args, title=as_text(title), caption=as_text(caption), **kwargs)
+
+    def add_row(self, *cells, **kwargs) -> None:
+        super().add_row(*(as_text(c) for c in cells), **kwargs)
+
+
+def _safe_rows(body) -> list[list[str]]:
+    return [[safe_text(c) for c in line] for line in body]
+
 
 # (key, header, formatter); the ratio columns are added when there is a baseline.
 COLUMNS: list[tuple[str, str, Any]] = []
@@ -167,7 +215,7 @@ def table_rows(rows: Sequence[dict], compact: bool = False):
     """(headers, body) of formatted cells, ratios against the first row included."""
     rows = with_ratios(rows)
     cols = _columns(rows, compact)
-    return [h for _, h, _ in cols], [[f(r.get(k)) for k, _, f in cols] for r in rows]
+    return [h for _, h, _ in cols], _safe_rows([f(r.get(k)) for k, _, f in cols] for r in rows)
 
 
 def rich_table(rows: Sequence[dict], title: str | None = None) -> Table:
@@ -191,10 +239,12 @@ def render_text(rows: Sequence[dict], fmt: str) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(full)
+        writer.writerows({k: safe_text(v) if isinstance(v, str) else v for k, v in r.items()}
+                         for r in full)
         return buf.getvalue()
     headers, body = table_rows(rows)
     note = speedup_note(rows)
+    note = safe_text(note) if note else None
     return tabulate(body, headers=headers, tablefmt="github") + (f"\n\n{note}" if note else "")
 
 
@@ -231,12 +281,12 @@ def history_rows(history: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             f"{fmt_pct(b.get('accuracy'))} -> {fmt_pct(a.get('accuracy'))}",
             (h.get("time") or "")[:19],
         ])
-    return headers, body
+    return headers, _safe_rows(body)
 
 
 def rich_history(name: str, history: Sequence[dict]) -> Table:
     headers, body = history_rows(history)
-    table = Table(title=f"history of {name}", header_style="bold magenta")
+    table = Table(title=f"history of {name} (as stated by the file)", header_style="bold magenta")
     for h in headers:
         table.add_column(h)
     for line in body:
@@ -269,7 +319,7 @@ STATS_COLUMNS: list[tuple[str, str, Any]] = [
 def stats_rows(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """Latency statistics: the cold first call apart, then the timed calls' distribution."""
     cols = [c for c in STATS_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    return [h for _, h, _ in cols], [[f(r.get(k)) for k, _, f in cols] for r in rows]
+    return [h for _, h, _ in cols], _safe_rows([f(r.get(k)) for k, _, f in cols] for r in rows)
 
 
 def stats_title(rows: Sequence[dict]) -> str:
@@ -339,7 +389,7 @@ def layer_rows(layers: dict, top: int) -> tuple[list[str], list[list[str]]]:
                                                                     for r in rows)]
     total = _merged("total", layers["rows"])
     body = [[f(r.get(k)) for k, _, f in cols] for r in [*rows, total]]
-    return [h for _, h, _ in cols], body
+    return [h for _, h, _ in cols], _safe_rows(body)
 
 
 def layer_summary(record: dict) -> list[str]:
@@ -393,7 +443,7 @@ def compare_layer_rows(a: dict, b: dict, top: int) -> tuple[list[str], list[list
     body.append(["total", "", fmt_ms4(ta), fmt_ms4(tb), fmt_x(_ratio(ta, tb)),
                  fmt_count(a["layers"]["macs_total"]), fmt_count(b["layers"]["macs_total"]),
                  "", ""])
-    return headers, body
+    return headers, _safe_rows(body)
 
 
 def fmt_ms4(v: float | None) -> str:
@@ -409,5 +459,7 @@ def layers_csv(records: Sequence[dict]) -> str:
     writer.writeheader()
     for rec in records:
         for r in rec["layers"]["rows"]:
-            writer.writerow({"model": rec["model"], "runtime": rec["runtime"], **r})
+            row = {"model": rec["model"], "runtime": rec["runtime"], **r}
+            writer.writerow({k: safe_text(v) if isinstance(v, str) else v
+                             for k, v in row.items()})
     return buf.getvalue().rstrip("\r\n")

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from tabulate import tabulate
 
 from ..compress.agreement import agreement
@@ -30,6 +29,7 @@ from .common import (
     stdout_console,
 )
 from .render import (
+    Table,
     compare_layer_rows,
     env_line,
     history_rows,
@@ -39,6 +39,8 @@ from .render import (
     render_text,
     rich_history,
     rich_table,
+    safe_markup,
+    safe_text,
     stats_rows,
     stats_title,
 )
@@ -56,13 +58,14 @@ def measure_files(paths, *, data, image_size, channels, seed, threads, batch_siz
         if data and split is None:
             split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               like=loaded)
-        with stderr_console.status(f"measuring {path}..."):
+        with stderr_console.status(f"measuring {safe_markup(path)}..."):
             measured = measure_runtimes(
                 loaded, runtime, name=str(path), inputs=load.inputs, data=split,
                 threads=threads, batch_size=batch_size, min_run_time=min_run_time,
                 layers=layers)
         if agreement_samples:
-            with stderr_console.status(f"comparing {path}'s outputs with {paths[0]}'s..."):
+            with stderr_console.status(f"comparing {safe_markup(path)}'s outputs with "
+                                       f"{safe_markup(paths[0])}'s..."):
                 agreed = agreement(loaded_files[0] if loaded_files else loaded, loaded,
                                    inputs=load.inputs or InputSpec.parse(measured[0].inputs),
                                    data=split,
@@ -97,11 +100,12 @@ def _emit(records, histories, fmt: str, top: int = 15) -> None:
         for title, (headers, body), summary in _layer_views(records, top):
             stdout_console.print(_rich(headers, body, title=title))
             for line in summary:
-                stdout_console.print(f"[dim]{line}[/]", highlight=False)
+                stdout_console.print(f"[dim]{safe_markup(line)}[/]", highlight=False)
     for name, hist in _unique(histories):
         if hist:
             stdout_console.print(rich_history(name, hist))
-    stderr_console.print(f"[dim]{env_line(records[0].get('env') or {})}[/]", highlight=False)
+    stderr_console.print(f"[dim]{safe_markup(env_line(records[0].get('env') or {}))}[/]",
+                         highlight=False)
 
 
 def _emit_markdown(records, histories, top: int, layered: bool) -> None:
@@ -111,13 +115,13 @@ def _emit_markdown(records, histories, top: int, layered: bool) -> None:
     typer.echo(tabulate(body, headers=headers, tablefmt="github"))
     if layered:
         for title, (headers, body), summary in _layer_views(records, top):
-            typer.echo(f"\n{title}:\n")
+            typer.echo(f"\n{safe_text(title)}:\n")
             typer.echo(tabulate(body, headers=headers, tablefmt="github"))
-            typer.echo("\n" + "\n".join(f"- {line}" for line in summary))
+            typer.echo("\n" + "\n".join(f"- {safe_text(line)}" for line in summary))
     for name, hist in _unique(histories):
         if hist:
             headers, body = history_rows(hist)
-            typer.echo(f"\nHistory of {name}:\n")
+            typer.echo(f"\nHistory of {safe_text(name)} (as stated by the file):\n")
             typer.echo(tabulate(body, headers=headers, tablefmt="github"))
     typer.echo(f"\n{env_line(records[0].get('env') or {})}")
 
@@ -167,10 +171,12 @@ def _warn(records) -> None:
     """Warnings and notes go to stderr, whatever the format, so stdout stays the result."""
     for rec in records:
         for w in rec.get("warnings") or []:
-            stderr_console.print(f"[yellow]warning:[/] {rec['model']} ({rec['runtime']}): {w}",
+            stderr_console.print(f"[yellow]warning:[/] {safe_markup(rec['model'])} "
+                                 f"({rec['runtime']}): {safe_markup(w)}",
                                  highlight=False, soft_wrap=True)
         for n in rec.get("notes") or []:
-            stderr_console.print(f"[dim]note: {rec['model']} ({rec['runtime']}): {n}[/]",
+            stderr_console.print(f"[dim]note: {safe_markup(rec['model'])} ({rec['runtime']}): "
+                                 f"{safe_markup(n)}[/]",
                                  highlight=False, soft_wrap=True)
 
 

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.table import Table
 
 from ..compress.artifact import check_model_output, write_model
 from ..compress.config import config_to_dict
@@ -37,7 +36,7 @@ from .common import (
     stderr_console,
     stdout_console,
 )
-from .render import fmt_count, fmt_pct
+from .render import Table, fmt_count, fmt_pct, safe_markup
 
 EPILOG = (
     "Examples: torchslim swap pd.pt --data digits --epochs 15 -o pd-sep.pt  "
@@ -197,5 +196,5 @@ def register(app: typer.Typer) -> None:
             return
         stdout_console.print(_layer_table(report))
         for note in report.notes + [f"not swapped (functional): {f}" for f in report.functional]:
-            stderr_console.print(f"[dim]{note}[/]")
+            stderr_console.print(f"[dim]{safe_markup(note)}[/]")
         _print_summary(before, mid_rec, after, output)

@@ -23,7 +23,7 @@ from .common import (
     open_data,
     stderr_console,
 )
-from .render import fmt_bytes, fmt_count
+from .render import fmt_bytes, fmt_count, safe_markup
 
 
 def train_registry_model(arch: str, data, cfg: TrainConfig, title: str | None = None):
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
                                  f"takes; resized to its input size {size}[/]")
             split = open_data(data, image_size=size, channels=channels, seed=seed,
                               train_limit=train_limit)
-        stderr_console.print(f"[dim]{split.describe()}[/]")
+        stderr_console.print(f"[dim]{safe_markup(split.describe())}[/]")
         model, meta, result = train_registry_model(arch, split, cfg)
         save_model(model, Path(output), meta, force=force)
         size = Path(output).stat().st_size

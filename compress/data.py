@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from . import idx
+from .bounds import require_regular
 from .errors import TorchslimError, UsageError
 from .filecheck import check_npz
 from .inputs import InputSpec
@@ -148,6 +149,7 @@ def _load_raw(spec, size, channels, like=None) -> _Raw:
     if spec in BUILTIN:
         x, y, names = _digits()
         return _Raw([x], y, names, "digits")
+    require_regular(spec, "data")  # a FIFO or device would block or never end
     if (found := idx.load(spec)) is not None:  # fashion-mnist, or a folder of IDX files
         data, label = found
         return _Raw([data.x], data.y, data.class_names, label, data.n_test)
@@ -190,7 +192,8 @@ def _image_folder(root: Path, size, channels):
     mode = "L" if (channels or 1) == 1 else "RGB"
     images, labels = [], []
     for label, cls in enumerate(classes):
-        files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / cls).iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())  # no FIFOs
         for f in files:
             try:
                 with Image.open(f) as im:

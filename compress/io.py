@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .bounds import check_attributes, check_onnx_loops, require_regular
 from .errors import TorchslimError, UsageError
 from .filecheck import check_onnx
 from .inputs import InputSpec
@@ -123,8 +124,24 @@ class LoadOptions:
         return loaded
 
 
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def trust_env() -> bool:
+    """TORCHSLIM_TRUST as an explicit yes or no: a value that is neither (``maybe``,
+    ``enabled``) is refused rather than guessed, since guessing yes runs a file's code."""
+    raw = os.environ.get(TRUST_ENV, "")
+    value = raw.strip().lower()
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    raise UsageError(f"{TRUST_ENV}={raw!r} is neither yes ({', '.join(_YES)}) nor no "
+                     f"({', '.join(v for v in _NO if v)} or empty); set one of them or unset it")
+
+
 def trusted(flag: bool) -> bool:
-    return flag or os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "no")
+    return trust_env() or flag  # the variable is checked even when --trust is given
 
 
 def history_entry(method: str, config: dict, before: dict, after: dict, notes=()) -> dict:
@@ -174,6 +191,7 @@ def _check_readable(path: Path) -> int:
         raise TorchslimError(f"model file not found: {path}; check the path")
     if path.is_dir():
         raise TorchslimError(f"{path} is a directory, not a model file; pass the file inside it")
+    require_regular(path, "model file")
     size = path.stat().st_size
     if size == 0:
         raise TorchslimError(f"model file {path} is empty (0 bytes); re-export the model")
@@ -198,7 +216,7 @@ def load_model(
     path = Path(path)
     size = _check_readable(path)
     if path.suffix.lower() == ".onnx":
-        return _load_onnx(path, size)
+        return _load_onnx(path, size, trust)
     if path.suffix.lower() == ".pt2":
         from .artifact import load_exported
 
@@ -243,7 +261,7 @@ def _load_torchscript(path: Path, size: int, trust: bool) -> LoadedModel:
     return LoadedModel(model.eval(), "torchscript", path, ModelMeta(), size)
 
 
-def _load_onnx(path: Path, size: int) -> LoadedModel:
+def _load_onnx(path: Path, size: int, trust: bool = False) -> LoadedModel:
     import onnx
 
     try:
@@ -254,6 +272,7 @@ def _load_onnx(path: Path, size: int) -> LoadedModel:
         check_onnx(proto, path.parent)
     except AlteredFile as exc:
         raise TorchslimError(f"{path} {ALTERED} ({exc})") from exc
+    check_onnx_loops(proto, path, trusted(trust))
     props = {p.key: p.value for p in proto.metadata_props}
     try:
         meta = _meta_of({"meta": json.loads(props["torchslim"])}, path) \
@@ -285,6 +304,10 @@ def refusal(path: Path, exc: AlteredFile) -> str:
 def _load_pickle_family(path: Path, size: int, ctx: _Ctx) -> LoadedModel:
     try:
         obj = _safe_load(path)
+        if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+            check_attributes(obj["model"], path)  # what lowrank/swap size new layers from
+        elif isinstance(obj, nn.Module):
+            check_attributes(obj, path)
     except NeedsTrust as exc:
         if not trusted(ctx.trust):
             raise TorchslimError(_needs_trust(path)) from exc

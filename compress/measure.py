@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .bounds import check_inputs, check_onnx_run, check_torch
 from .errors import TorchslimError
 from .hw import environment
 from .inputs import InputSpec, as_spec, call
@@ -417,8 +418,10 @@ def measure(target, *, name: str | None = None, input_shape=None, data=None,
     name = name or subject.default_name
     spec = _resolve_spec(inputs or input_shape, meta_spec, subject, data, name)
     # every step runs on the recorded thread count, accuracy and MAC counting included
+    check_inputs(spec, batch_size)
     with _eval_mode(getattr(subject, "model", None)), _torch_threads(threads):
         example = _example(spec, 1, subject.dtype)
+        _check_work(subject, spec, example, batch_size, name)
         with PeakMemory() as memory:  # peak RSS while the model runs (cold call and timing)
             start = time.perf_counter()
             out = _trial(subject, example, spec, name)
@@ -447,9 +450,19 @@ def measure(target, *, name: str | None = None, input_shape=None, data=None,
         peak_rss_delta_bytes=memory.delta_bytes, warnings=[noisy] if noisy else [])
 
 
+def _check_work(subject, spec, example: tuple, batch: int, name: str) -> None:
+    """Refuse before running when one tensor of the pass would not fit (bounds.py)."""
+    if getattr(subject, "proto", None) is not None:
+        check_onnx_run(subject.proto, spec, batch, name)
+    else:
+        check_torch(getattr(subject, "model", None), example, batch, name)
+
+
 def _macs(subject, example: torch.Tensor, notes: list[str]) -> int | None:
     """MACs, or None with a note: an op FlopCounterMode cannot run must not sink the report."""
     try:
+        if getattr(subject, "proto", None) is not None:
+            return subject.macs(example, notes)
         return subject.macs(example)
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
         notes.append(f"MACs not counted: {_first_line(exc)}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bounds import check_onnx_run
 from .errors import TorchslimError
 from .inputs import InputSpec, TensorSpec
 from .measure import MACS_METADATA_KEY, _first_line, state_dict_bytes
@@ -43,9 +44,16 @@ class OnnxSubject:
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
+        self.proto, self.files = _load_onnx_proto(Path(path))
+        # onnxruntime folds constants while it builds the session: a ConstantOfShape of a
+        # trillion elements must be refused before that
+        check_onnx_run(self.proto, None, 1, Path(path).name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # onnxruntime logs a failing node straight to stderr, in colour and with the file's
+        # node names: the exception it raises is what torchslim reports, escaped
+        opts.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(path), opts,
                                                 providers=["CPUExecutionProvider"])
@@ -58,7 +66,6 @@ class OnnxSubject:
         self.fixed_batch = first if isinstance(first, int) else None
         self.static_spec = _static_spec(inputs)
         self.default_name = Path(path).name
-        self.proto, self.files = _load_onnx_proto(Path(path))
 
     def timed(self, feed: dict):
         return self.session.run(None, feed)
@@ -127,10 +134,24 @@ class OnnxSubject:
                  for i, (a, _) in enumerate(self._weights())}
         return state_dict_bytes(state)
 
-    def macs(self, example: torch.Tensor) -> int | None:
+    def macs(self, example: tuple, notes: list[str] | None = None) -> int | None:
+        """Counted from the graph's shapes (onnx_macs.py); the MACs a file states about
+        itself are shown only when the graph cannot be counted, and said to be stated."""
+        from .onnx_macs import graph_macs
+
+        notes = notes if notes is not None else []
         props = {p.key: p.value for p in self.proto.metadata_props}
         value = props.get(MACS_METADATA_KEY)
-        return int(value) if value and value.isdigit() else None
+        stated = int(value) if value and value.isdigit() else None
+        counted, why = graph_macs(self.proto, [tuple(x.shape) for x in example])
+        if counted is None:
+            if stated is not None:
+                notes.append(f"MACs {stated:,} stated by the file, not measured ({why})")
+            return stated
+        if stated is not None and stated != counted:
+            notes.append(f"the file states {stated:,} MACs; torchslim counts {counted:,} "
+                         "(shown)")
+        return counted
 
 
 def _static_spec(inputs) -> InputSpec | None:

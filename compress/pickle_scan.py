@@ -375,6 +375,9 @@ def _int_tuple(node) -> list[int] | None:
 
 # --- checks on the finished graph -----------------------------------------------------
 
+# Class attributes that are None on nn.Module but, when set on an instance, replace the call:
+# Module.__call__ runs ``_compiled_call_impl`` instead of ``_call_impl`` when it is set.
+_CALL_PATH = ("_compiled_call_impl", "forward", "_call_impl", "_wrapped_call_impl", "__call__")
 _PLAIN_CLASS_ATTRS = (bool, int, float, str, bytes, tuple, list, dict, set, frozenset,
                       type(None))
 
@@ -453,6 +456,11 @@ def check_module(obj: _Obj) -> None:
             raise AlteredFile(f"a {name} carries {key} (hooks run code on every call)")
         if _shadows_method(obj.cls, key):
             raise AlteredFile(f"a {name}'s state replaces its method or property {key!r}")
+        if key in _CALL_PATH and value is not None:
+            raise AlteredFile(f"a {name} sets {key} (it would be called instead of forward)")
+        if key != "_modules" and any(isinstance(n, _Obj) for n in walk(value)):
+            raise AlteredFile(f"a {name} holds a module in {key!r}, outside _modules (a "
+                              "module there can be called in place of its own code)")
     nonpersistent = items.get("_non_persistent_buffers_set")
     if nonpersistent is not None and not (isinstance(nonpersistent, _Seq)
                                           and nonpersistent.kind == "set"):
