@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 from . import onnx_quant as oq
 from .config import config_to_dict
 from .data import DataSplit, stratified_split
+from .device import TrainDevice
 from .distill import DistillConfig, distill
 from .errors import TorchslimError
 from .io import ModelMeta, history_entry, load_model, save_model
@@ -175,6 +176,7 @@ class Context:
     training: Callable[[str], AbstractContextManager] | None = None
     on_epoch_seconds: Callable[[float], None] | None = None
     check_time: Callable[[], None] = lambda: None  # raises when the time budget is spent
+    device: TrainDevice | None = None  # where the fine-tunes train; measuring stays on CPU
 
 
 class Builder:
@@ -231,6 +233,8 @@ class Builder:
 
     def _distill(self, model: nn.Module, spec: Spec) -> nn.Module:
         cfg = next(c for c in self._recipe(spec) if c.method == "distill")
+        if self.ctx.device is not None:
+            cfg = dataclasses.replace(cfg, **self.ctx.device.train_kwargs())
         title = f"distilling {spec.trained_key}"
         ctx = self.ctx.training(title) if self.ctx.training else nullcontext(None)
         start = time.perf_counter()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import register_config
+from .device import cpu_state, resolve_device
 from .errors import TorchslimError, UsageError
 from .inputs import call
 from .train import Callbacks, FitResult, TrainConfig, evaluate, fit
@@ -38,7 +39,8 @@ class DistillConfig:
     hflip: bool = False
     matches: tuple[str, ...] = ()  # "teacher.layer:student.layer" pairs for the feature loss
     feature_weight: float = 1.0  # weight of the feature (hint) loss when matches are given
-    device: str = "cpu"
+    device: str = "cpu"  # where it trains (cuda:LOCAL_RANK per process under torchrun)
+    amp: str = "off"  # "bf16": mixed-precision forward passes
 
     def __post_init__(self):
         self.train_config(1)  # TrainConfig validates the shared fields
@@ -58,7 +60,7 @@ class DistillConfig:
             epochs=self.epochs, lr=self.lr, batch_size=self.batch_size // world,
             weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
             hflip=self.hflip, temperature=self.temperature, alpha=self.alpha,
-            device=self.device,
+            device=self.device, amp=self.amp,
         )
 
 
@@ -265,7 +267,7 @@ def distill(
     adapters' weights under "adapters". Under torchrun pass ``dist_info=dist_from_env()``.
     """
     d = dist_info or Dist()
-    device = init_distributed(d, cfg.device)
+    device = init_distributed(d, resolve_device(cfg.device))
     tcfg = cfg.train_config(d.world)
     tcfg = TrainConfig(**{**vars(tcfg), "device": device})
     example = data.head(2)
@@ -294,6 +296,7 @@ def distill(
     finally:
         if feature is not None:
             feature.detach()
+            feature.adapters.cpu()
     if start is not None and start[0] > result.best_top1:
         # The student as given competes as "epoch 0": a swapped model that starts at the
         # teacher's accuracy is never made worse by its recovery run.
@@ -325,7 +328,7 @@ def _with_adapter_state(callbacks: Callbacks | None, feature: FeatureLoss | None
     inner = cb.on_checkpoint
 
     def on_checkpoint(state: dict) -> None:
-        inner({**state, "adapters": feature.adapters.state_dict()})
+        inner({**state, "adapters": cpu_state(feature.adapters.state_dict())})
 
     return Callbacks(cb.on_start, cb.on_step, cb.on_epoch, on_checkpoint)
 
