@@ -233,8 +233,6 @@ class Builder:
 
     def _distill(self, model: nn.Module, spec: Spec) -> nn.Module:
         cfg = next(c for c in self._recipe(spec) if c.method == "distill")
-        if self.ctx.device is not None:
-            cfg = dataclasses.replace(cfg, **self.ctx.device.train_kwargs())
         title = f"distilling {spec.trained_key}"
         ctx = self.ctx.training(title) if self.ctx.training else nullcontext(None)
         start = time.perf_counter()
@@ -254,7 +252,13 @@ class Builder:
         return meta
 
     def _recipe(self, spec: Spec, exclude: tuple[str, ...] = ()) -> list:
-        return recipe(spec, self.ctx.seed, exclude, self.ctx.qat_epochs, self.ctx.distill_alpha)
+        steps = recipe(spec, self.ctx.seed, exclude, self.ctx.qat_epochs, self.ctx.distill_alpha)
+        if self.ctx.device is None:
+            return steps
+        # the fine-tunes (distill, qat) train where --device says; everything is measured
+        # on the CPU
+        return [dataclasses.replace(c, **self.ctx.device.train_kwargs())
+                if c.method in ("distill", "quantize") else c for c in steps]
 
     def diagnosis(self, spec: Spec):
         """Per-layer int8 error of the trained model (computed once per trained model)."""

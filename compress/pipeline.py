@@ -274,11 +274,11 @@ class _Run:
         label = cfg.method
         self._say(f"step {i}: {label}")
         before = {k: self.steps[-1].record.get(k) for k in HISTORY_KEYS}
+        if cfg.method in ("distill", "quantize") and self.device is not None:
+            cfg = dataclasses.replace(cfg, **self.device.train_kwargs())  # qat fine-tunes
         if cfg.method == "quantize":
             self._quantize(i, cfg, before)
             return
-        if cfg.method == "distill" and self.device is not None:
-            cfg = dataclasses.replace(cfg, **self.device.train_kwargs())
         notes = getattr(self, f"_{cfg.method}")(cfg)
         entry = history_entry(cfg.method, config_to_dict(cfg), before, {}, notes)
         self.meta.history.append(entry)

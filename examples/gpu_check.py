@@ -96,11 +96,11 @@ def steps(a, device: str, w: Path) -> list[tuple[str, list[str], Path | None]]:
                                      *dev, "--workdir", w / "search", "-o", w / "goal.onnx"],
          w / "goal.onnx"),
     ]
-    if device == "cuda":
+    if device == "cuda" or a.quick:  # --quick runs them on the CPU too, to check the script
         out.insert(1, ("train --amp bf16", ["train", "pd", *data, *size, *limit, "--epochs", e,
                                             *dev, "--amp", "bf16", "-o", w / "pd-bf16.pt"],
                        w / "pd-bf16.pt"))
-        out.append(("torchrun x1 distill (nccl)",
+        out.append((f"torchrun x1 distill ({'nccl' if device == 'cuda' else 'gloo'})",
                     ["torchrun", "distill", "--teacher", pd, "--student", "pd_light", *data,
                      *limit, "--epochs", e, *dev, "-o", w / "light-ddp.pt"], w / "light-ddp.pt"))
     return [(n, [str(x) for x in args], o) for n, args, o in out]
