@@ -225,7 +225,7 @@ def _finish(d, student, meta, cfg, before, example, split, result, teacher_path,
             f"best validation top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}); "
             f"saved {output}")
         _table(t_loaded, output, split, threads, fmt)
-    if d.world > 1:
+    if d.launched:
         import torch.distributed as dist
 
         dist.barrier()

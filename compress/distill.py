@@ -218,6 +218,9 @@ class Dist:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    # under torchrun, even with one process: a process group (NCCL on CUDA) and DDP, so
+    # `torchrun --nproc-per-node 1` on a one-GPU machine runs the multi-GPU code path
+    launched: bool = False
 
     @property
     def main(self) -> bool:
@@ -226,17 +229,17 @@ class Dist:
 
 def dist_from_env() -> Dist:
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a plain run has none of them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return Dist()
-    return Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0")),
+                int(os.environ.get("LOCAL_RANK", "0")), launched=True)
 
 
 def init_distributed(d: Dist, device: str) -> str:
     """Join the process group (gloo on CPU, nccl on GPU); return this process's device."""
     import torch.distributed as dist
 
-    if d.world <= 1:
+    if not d.launched:
         return device
     if device.startswith("cuda"):
         torch.cuda.set_device(d.local_rank)
@@ -282,7 +285,7 @@ def distill(
         feature.adapters.load_state_dict(resume["adapters"])
     cb = _with_adapter_state(callbacks, feature)
     start = _start_point(student, data) if resume is None else None
-    model = _wrap_ddp(student, feature, d, device) if d.world > 1 else student.to(device)
+    model = _wrap_ddp(student, feature, d, device) if d.launched else student.to(device)
     sampler = _sampler(data, d, cfg.seed)
     if feature is not None:
         feature.adapters.to(device)

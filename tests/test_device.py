@@ -227,3 +227,17 @@ def test_gpu_distill_command_finishes_and_measures_on_cpu(tmp_path):
     assert res.exit_code == 0, res.output
     teacher_row, student_row = _json_rows(res.stdout)
     assert teacher_row["accuracy"] > 50.0 and student_row["accuracy"] > 50.0
+
+
+def test_torchrun_with_one_process_still_joins_a_process_group(monkeypatch):
+    """`torchrun --nproc-per-node 1` (the one-GPU machine) runs the DDP path, over NCCL on
+    CUDA; a plain run does not."""
+    from torchslim.compress.distill import dist_from_env
+
+    for key in ("WORLD_SIZE", "MASTER_ADDR", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert not dist_from_env().launched
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    d = dist_from_env()
+    assert d.launched and d.world == 1 and d.main
