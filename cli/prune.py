@@ -107,14 +107,17 @@ def _history(cfg, train_cfg, distill, report, file_bytes, data_name) -> dict:
     config = config_to_dict(cfg)
     if train_cfg is not None:
         config["finetune"] = {"data": data_name, "epochs": train_cfg.epochs, "lr": train_cfg.lr,
-                              "distill": distill}
+                              "distill": distill, "device": train_cfg.device,
+                              "amp": train_cfg.amp}
     before = {**report.before, "file_bytes": file_bytes}
     after = dict(report.after)
     if report.pruned_top1 is not None:
         after["accuracy_before_finetune"] = report.pruned_top1
     if report.ratio is not None:
         after["channel_ratio"] = report.ratio
-    return history_entry("prune", config, before, after, report.notes)
+    timing = report.fit.timing_note() if report.fit is not None else None
+    return history_entry("prune", config, before, after, report.notes + ([timing] if timing
+                                                                          else []))
 
 
 def register(app: typer.Typer) -> None:
