@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
     ap.add_argument("--epochs", type=int, default=int(os.environ.get("GPU_CHECK_EPOCHS", 2)))
-    ap.add_argument("--budget", default=os.environ.get("GPU_CHECK_BUDGET", "1m"))
+    ap.add_argument("--budget", default=os.environ.get("GPU_CHECK_BUDGET", "45s"))
     ap.add_argument("--limit", type=float, default=float(os.environ.get("GPU_CHECK_LIMIT", 420)),
                     help="Seconds for everything; steps that would start later are skipped.")
     ap.add_argument("--quick", action="store_true",
@@ -96,8 +96,11 @@ def steps(a, device: str, w: Path) -> list[tuple[str, list[str], Path | None]]:
         ("compress --recipe", ["compress", pd, *data, *limit, "--recipe", recipe, *dev,
                                "-o", w / "slim.onnx"], w / "slim.onnx"),
     ]
-    # The search stops on a time budget, so its CPU run is no same-work comparison: GPU only.
-    search = [
+    # GPU only: the search stops on a time budget, so its CPU run is no same-work
+    # comparison; qat is checked to finish on CUDA and reload on the CPU
+    gpu_only = [
+        ("quantize --mode qat", ["quantize", pd, "--mode", "qat", *data, "--qat-epochs", e,
+                                 *dev, "--no-compare", "-o", w / "qat.onnx"], w / "qat.onnx"),
         ("compress --max-acc-drop", ["compress", pd, *data, *limit, "--max-acc-drop", "1",
                                      "--swap", "--prune", "0.5", "--quantize", "static",
                                      "--distill", "--epochs", e, "--time-budget", a.budget,
@@ -105,7 +108,7 @@ def steps(a, device: str, w: Path) -> list[tuple[str, list[str], Path | None]]:
          w / "goal.onnx"),
     ]
     if device == "cuda" or a.quick:  # --quick runs them on the CPU too, to check the script
-        out += search
+        out += gpu_only
         out.insert(1, ("train --amp bf16", ["train", teacher, *data, *size, *limit, "--epochs", e,
                                             *dev, "--amp", "bf16", "-o", w / "pd-bf16.pt"],
                        w / "pd-bf16.pt"))

@@ -3,7 +3,7 @@
 # seed), each output reloaded and reported in a process that sees no GPU; torchrun with NCCL.
 # Run from the repository root on a machine with a CUDA GPU:
 #     OUT=/some/folder bash examples/gpu_check.sh
-# Knobs: GPU_CHECK_EPOCHS (2), GPU_CHECK_BUDGET (1m, the search's --time-budget),
+# Knobs: GPU_CHECK_EPOCHS (2), GPU_CHECK_BUDGET (45s, the search's --time-budget),
 # GPU_CHECK_LIMIT (420 s for everything), GPU_CHECK_QUICK=1 (300 images at 8x8: a dry run).
 # Everything goes to $OUT/gpu.log; the table also to stdout and $OUT/gpu_check.json.
 set -u
