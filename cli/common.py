@@ -29,6 +29,7 @@ from rich.text import Text
 
 from ..compress.bounds import check_inputs, check_torch
 from ..compress.data import DataSplit, load_data, parse_size
+from ..compress.device import AMPS, DEVICES, TrainDevice
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.inputs import InputSpec, resolve
 from ..compress.io import WRITTEN, LoadedModel, LoadOptions, trust_env
@@ -145,6 +146,20 @@ CodePathOpt = Annotated[
         "--code-path", help="With --trust: a folder to import your model's Python classes "
         "from (repeatable). The current directory and the model file's folder are searched "
         "too. Also TORCHSLIM_CODE_PATH."
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help=f"Where training runs: {DEVICES} (auto: CUDA when torch sees a GPU, "
+        "else CPU). Measuring always runs on the CPU; outputs are saved from the CPU.",
+    ),
+]
+AmpOpt = Annotated[
+    str,
+    typer.Option(
+        "--amp", help=f"Mixed precision for training: {' | '.join(AMPS)} (bf16: torch.autocast "
+        "on the forward passes; weights and saved models stay fp32).",
     ),
 ]
 FormatOpt = Annotated[
@@ -269,15 +284,31 @@ def model_options(fn: Callable) -> Callable:
     The command's own signature keeps its parameters (``load`` removed) and gains the
     shared ones, so typer shows them in every command's --help.
     """
+    return _shared_options(fn, LOAD_PARAMS, "load", load_options)
+
+
+# Every command that trains takes these through @train_options and gets one TrainDevice.
+TRAIN_PARAMS = {
+    "device": (DeviceOpt, "auto"),
+    "amp": (AmpOpt, "off"),
+}
+
+
+def train_options(fn: Callable) -> Callable:
+    """Give a command --device and --amp; it receives them as ``accel: TrainDevice``."""
+    return _shared_options(fn, TRAIN_PARAMS, "accel", TrainDevice.parse)
+
+
+def _shared_options(fn: Callable, params: dict, into: str, build: Callable) -> Callable:
     sig = inspect.signature(fn, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.name != "load"]
+    own = [p for p in sig.parameters.values() if p.name != into]
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
-                               default=default) for name, (ann, default) in LOAD_PARAMS.items()]
+                               default=default) for name, (ann, default) in params.items()]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        raw = {name: kwargs.pop(name, default) for name, (_, default) in LOAD_PARAMS.items()}
-        kwargs["load"] = load_options(**raw)
+        raw = {name: kwargs.pop(name, default) for name, (_, default) in params.items()}
+        kwargs[into] = build(**raw)
         return fn(*args, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)

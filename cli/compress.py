@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.live import Live
 
+from ..compress.device import TrainDevice
 from ..compress.distill import DistillConfig
 from ..compress.io import LoadOptions, atomic_write, check_output, require_module
 from ..compress.pipeline import (
@@ -41,6 +42,7 @@ from .common import (
     open_model,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import render_text, rich_table, safe_markup
 
@@ -134,6 +136,7 @@ def _write_reports(result, rows: list[dict], force: bool) -> list[Path]:
 def register(app: typer.Typer) -> None:
     @command(app, "compress", epilog=EPILOG)
     @model_options
+    @train_options
     def compress_cmd(
         model: Annotated[Path, typer.Argument(help="Model file to compress.")],
         output: OutOpt,
@@ -195,6 +198,7 @@ def register(app: typer.Typer) -> None:
         strategy: Annotated[str, typer.Option(
             help="Search strategy: staged (default) or optuna (needs optuna).")] = "staged",
         load: LoadOptions = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Compress MODEL in one pipeline and report every step side by side."""
         if max_acc_drop is not None:
@@ -231,7 +235,7 @@ def register(app: typer.Typer) -> None:
         with table.shown():
             result = run_pipeline(loaded, configs, output, data=split, threads=threads,
                                   min_run_time=min_time, force=force, hooks=hooks,
-                                  inputs=load.inputs)
+                                  inputs=load.inputs, device=accel)
         rows = result.rows()  # the input in each runtime first: the speed-ups' baselines
         reports = _write_reports(result, rows, force)
         stdout_console.print(rich_table(rows, title=f"torchslim compress: {model.name}"))

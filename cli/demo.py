@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ..compress.config import config_to_dict
+from ..compress.device import TrainDevice
 from ..compress.distill import DistillConfig
 from ..compress.io import atomic_write, load_model, save_model
 from ..compress.measure import measure
@@ -33,6 +34,7 @@ from .common import (
     open_data,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import render_text, rich_table, safe_markup
 from .train import train_registry_model
@@ -60,6 +62,7 @@ def demo_recipe(epochs: int) -> list:
 
 def register(app: typer.Typer) -> None:
     @command(app, "demo", epilog="Example: torchslim demo --workdir demo-out")
+    @train_options
     def demo_cmd(
         workdir: Annotated[
             Path | None,
@@ -73,21 +76,23 @@ def register(app: typer.Typer) -> None:
             help="Also run the goal search (--max-acc-drop 0.5, smallest file) on the same "
                  "PDModel within this time budget (e.g. 15m) and show its front after the "
                  "hand recipe's table.")] = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Train the seed's PDModel on digits at 1x60x120, compress it in one pipeline, and
         compare with the seed's hand-made PDLightModel."""
         check_format(fmt)
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="torchslim-demo-") as tmp:
-                _run(Path(tmp), epochs, threads, fmt)
-                _search(Path(tmp), search, threads)
+                _run(Path(tmp), epochs, threads, fmt, accel)
+                _search(Path(tmp), search, threads, accel)
         else:
             workdir.mkdir(parents=True, exist_ok=True)
-            _run(workdir, epochs, threads, fmt)
-            _search(workdir, search, threads)
+            _run(workdir, epochs, threads, fmt, accel)
+            _search(workdir, search, threads, accel)
 
 
-def _search(workdir: Path, budget: str | None, threads: int | None) -> None:
+def _search(workdir: Path, budget: str | None, threads: int | None,
+            accel: TrainDevice) -> None:
     """The same job said as a goal: the search beside the hand-written recipe."""
     if budget is None:
         return
@@ -96,11 +101,12 @@ def _search(workdir: Path, budget: str | None, threads: int | None) -> None:
     stderr_console.print(f"[bold]search[/] --max-acc-drop 0.5 --objective size, {budget}")
     out = workdir / "pd_search.onnx"
     run_goal(goal_options(workdir / "pd_model.pt", out, "digits", time_budget=budget,
-                          threads=threads, workdir=workdir / "search", force=True))
+                          threads=threads, workdir=workdir / "search", force=True,
+                          accel=accel))
 
 
-def _train(arch: str, data, epochs: int, path: Path, title: str) -> Path:
-    cfg = TrainConfig(epochs=epochs, lr=2e-3, batch_size=64, seed=0)
+def _train(arch: str, data, epochs: int, path: Path, title: str, accel: TrainDevice) -> Path:
+    cfg = TrainConfig(epochs=epochs, lr=2e-3, batch_size=64, seed=0, **accel.train_kwargs())
     model, meta, _ = train_registry_model(arch, data, cfg, title=title)
     return save_model(model, path, meta, force=True)
 
@@ -110,12 +116,14 @@ def _measure(path: Path, name: str, data, threads) -> dict:
         return measure(load_model(path), name=name, data=data, threads=threads).to_dict()
 
 
-def _run(workdir: Path, epochs: int, threads: int | None, fmt: str) -> None:
+def _run(workdir: Path, epochs: int, threads: int | None, fmt: str,
+         accel: TrainDevice) -> None:
     data = open_data("digits", image_size=f"{SEED_SIZE[0]},{SEED_SIZE[1]}")
     stderr_console.print(f"[dim]{data.describe()}[/]")
-    base = _train("pd_model", data, epochs, workdir / "pd_model.pt", "1/3 PDModel baseline")
+    base = _train("pd_model", data, epochs, workdir / "pd_model.pt", "1/3 PDModel baseline",
+                  accel)
     light = _train("pd_light", data, epochs, workdir / "pd_light.pt",
-                   "2/3 PDLightModel alone (the seed's approach)")
+                   "2/3 PDLightModel alone (the seed's approach)", accel)
     rows = [_measure(base, "PDModel (baseline)", data, threads),
             _measure(light, "PDLightModel alone", data, threads)]
     out = workdir / "pd_slim.onnx"
@@ -128,6 +136,7 @@ def _run(workdir: Path, epochs: int, threads: int | None, fmt: str) -> None:
         load_model(base), recipe, out, data=data, threads=threads,
         hooks=Hooks(stage=lambda t: stderr_console.print(f"[dim]→ {safe_markup(t)}[/]"),
                     training=fit_progress),
+        device=accel,
     )
     for step in result.steps[1:]:
         step.record["model"] = f"torchslim: +{step.label}"

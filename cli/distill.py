@@ -16,6 +16,7 @@ import torch
 import typer
 
 from ..compress.config import config_to_dict
+from ..compress.device import TrainDevice
 from ..compress.distill import Dist, DistillConfig, dist_from_env, distill
 from ..compress.errors import TorchslimError, UsageError
 from ..compress.io import (
@@ -50,6 +51,7 @@ from .common import (
     open_model,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import render_text, rich_table
 from .swap import numbers
@@ -136,6 +138,7 @@ def _table(teacher: LoadedModel, output: Path, split, threads, fmt: str) -> None
 def register(app: typer.Typer) -> None:
     @command(app, "distill", epilog=EPILOG)
     @model_options
+    @train_options
     def distill_cmd(
         teacher: Annotated[Path, typer.Option(help="Trained teacher model file.")],
         student: Annotated[str, typer.Option(
@@ -160,7 +163,6 @@ def register(app: typer.Typer) -> None:
         hflip: Annotated[bool, typer.Option(
             help="Also random horizontal flips (off: sensor images are not mirror-invariant).")
         ] = False,
-        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
         resume: Annotated[Path | None, typer.Option(
             help="Continue from a checkpoint written by an interrupted run.")] = None,
         checkpoint: Annotated[Path | None, typer.Option(
@@ -172,17 +174,16 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
         load: LoadOptions = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Distil --teacher into --student on --data (Hinton KD, optional feature loss), keep
         the best validation epoch, and print a teacher vs student table."""
         if fmt not in ("table", "json"):
             raise UsageError(f"--format must be table or json, got {fmt!r}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device here; use --device cpu")
         cfg = DistillConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                             temperature=temperature, alpha=alpha, augment=augment, hflip=hflip,
                             matches=tuple(match or ()), feature_weight=feature_loss,
-                            device=device)
+                            **accel.train_kwargs())
         inputs = [teacher] + ([Path(student)] if Path(student).exists() else [])
         check_output(output, force=force, inputs=inputs)
         ckpt = checkpoint or output.with_name(output.name + ".ckpt")
@@ -215,7 +216,8 @@ def _finish(d, student, meta, cfg, before, example, split, result, teacher_path,
             meta.set_input_spec(split.inputs)
         meta.history.append(history_entry(
             "distill", {**config_to_dict(cfg), "teacher": str(teacher_path), "data": split.name},
-            before, after, [f"best epoch {result.best_epoch} of {cfg.epochs}"]))
+            before, after, [n for n in (f"best epoch {result.best_epoch} of {cfg.epochs}",
+                                        result.timing_note()) if n]))
         save_model(student, output, meta, force=force, inputs=inputs)
         if ckpt.exists():
             os.unlink(ckpt)
@@ -223,7 +225,7 @@ def _finish(d, student, meta, cfg, before, example, split, result, teacher_path,
             f"best validation top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}); "
             f"saved {output}")
         _table(t_loaded, output, split, threads, fmt)
-    if d.world > 1:
+    if d.launched:
         import torch.distributed as dist
 
         dist.barrier()

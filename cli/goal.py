@@ -19,6 +19,7 @@ from rich.live import Live
 
 from ..compress import pareto
 from ..compress.candidates import Context, baseline_record, search_split, spec_from_recipe
+from ..compress.device import TrainDevice
 from ..compress.errors import UsageError
 from ..compress.inputs import resolve
 from ..compress.io import LoadOptions, atomic_write, check_output, require_module
@@ -73,6 +74,7 @@ def goal_options(model: Path, output: Path, data: str, **kw) -> dict:
              prune=None, target_macs=None, distill=False, epochs=15, alpha=None, quantize=None,
              recipe=None, dump_recipe_to=None, image_size=None, channels=None,
              threads=None, min_time=None, seed=0, train_limit=None, load=LoadOptions(),
+             accel=TrainDevice(),
              force=False,
              max_acc_drop=0.5, objective="size",
              target_size=None, target_size_kb=None, target_latency_ms=None,
@@ -151,7 +153,7 @@ def _context(o, cfg, loaded, teacher, split, workdir: Path) -> Context:
                    distill_alpha=cfg.distill_alpha,
                    say=lambda t: stderr_console.print(f"[dim]→ {safe_markup(t)}[/]",
                                                       highlight=False),
-                   training=fit_progress)
+                   training=fit_progress, device=o["accel"])
 
 
 def _search_and_write(o, cfg, loaded, teacher, split, workdir: Path, space) -> None:

@@ -14,6 +14,7 @@ from ..compress import sensitivity as sens
 from ..compress.artifact import check_model_output, write_model
 from ..compress.config import config_to_dict
 from ..compress.data import check_classes
+from ..compress.device import TrainDevice
 from ..compress.errors import TorchslimError
 from ..compress.inputs import call
 from ..compress.io import LoadOptions, check_output, history_entry, require_module
@@ -36,6 +37,7 @@ from .common import (
     open_model,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import fmt_count, fmt_pct, render_text, rich_table, safe_markup
 
@@ -105,19 +107,23 @@ def _history(cfg, train_cfg, distill, report, file_bytes, data_name) -> dict:
     config = config_to_dict(cfg)
     if train_cfg is not None:
         config["finetune"] = {"data": data_name, "epochs": train_cfg.epochs, "lr": train_cfg.lr,
-                              "distill": distill}
+                              "distill": distill, "device": train_cfg.device,
+                              "amp": train_cfg.amp}
     before = {**report.before, "file_bytes": file_bytes}
     after = dict(report.after)
     if report.pruned_top1 is not None:
         after["accuracy_before_finetune"] = report.pruned_top1
     if report.ratio is not None:
         after["channel_ratio"] = report.ratio
-    return history_entry("prune", config, before, after, report.notes)
+    timing = report.fit.timing_note() if report.fit is not None else None
+    return history_entry("prune", config, before, after, report.notes + ([timing] if timing
+                                                                          else []))
 
 
 def register(app: typer.Typer) -> None:
     @command(app, "prune", epilog=PRUNE_EPILOG)
     @model_options
+    @train_options
     def prune_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to prune.")],
         output: OutOpt,
@@ -152,6 +158,7 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         fmt: FormatOpt = "table",
         load: LoadOptions = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Remove channels, neurons and heads (structured), or zero weights (--unstructured);
         optionally fine-tune on --data; save a smaller model that reloads without --trust."""
@@ -172,7 +179,8 @@ def register(app: typer.Typer) -> None:
         loaded, model = _load(model_path, load, "prune")
         split = _open_split(data, loaded, model, image_size, channels, seed)
         example = example_inputs(loaded, split)
-        train_cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed) if split is not None else None
+        train_cfg = (TrainConfig(epochs=epochs, lr=lr, seed=seed, **accel.train_kwargs())
+                     if split is not None else None)
         pruned, report = _run(model, cfg, example, split, train_cfg, distill)
         meta = copy.deepcopy(loaded.meta)
         meta.set_input_spec(input_spec(loaded, split))

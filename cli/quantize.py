@@ -11,6 +11,7 @@ import typer
 from tabulate import tabulate
 
 from ..compress.data import check_classes
+from ..compress.device import TrainDevice
 from ..compress.errors import UsageError
 from ..compress.inputs import call
 from ..compress.io import LoadOptions, check_output
@@ -33,6 +34,7 @@ from .common import (
     open_model,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import Table, fmt_bytes, fmt_count, fmt_ms, fmt_pct
 
@@ -104,6 +106,7 @@ def _summary(res, fmt: str, compared: bool) -> None:
 def register(app: typer.Typer) -> None:
     @command(app, "quantize", epilog=EPILOG)
     @model_options
+    @train_options
     def quantize_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model to quantize.")],
         output: OutOpt,
@@ -149,6 +152,7 @@ def register(app: typer.Typer) -> None:
         keep_fp32: Annotated[int, typer.Option(
             help="static: keep the N layers that add the most int8 noise in fp32.")] = 0,
         load: LoadOptions = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Quantize a model to int8 / fp16 / bf16 and compare it with fp32 on every runtime."""
         check_format(fmt)
@@ -156,7 +160,7 @@ def register(app: typer.Typer) -> None:
             mode=mode, backend=backend, calib_batches=calib_batches, per_channel=per_channel,
             calibrate=calibrate, exclude=tuple(exclude or ()), qat_epochs=qat_epochs,
             qat_lr=qat_lr, reduce_range=reduce_range, seed=seed, equalize=equalize,
-            keep_output_fp32=keep_output,
+            keep_output_fp32=keep_output, **accel.train_kwargs(),
         )
         if Path(output).suffix.lower() != cfg.suffix:
             raise UsageError(f"mode {cfg.mode} writes a {cfg.suffix} file; name -o like "

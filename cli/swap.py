@@ -13,6 +13,7 @@ import typer
 from ..compress.artifact import check_model_output, write_model
 from ..compress.config import config_to_dict
 from ..compress.data import check_classes
+from ..compress.device import TrainDevice
 from ..compress.distill import DistillConfig, distill
 from ..compress.errors import UsageError
 from ..compress.inputs import call
@@ -35,6 +36,7 @@ from .common import (
     open_model,
     stderr_console,
     stdout_console,
+    train_options,
 )
 from .render import Table, fmt_count, fmt_pct, safe_markup
 
@@ -82,9 +84,10 @@ def _layer_notes(report) -> list[str]:
     return notes + [f"not swapped (functional): {f}" for f in report.functional] + report.notes
 
 
-def _recover(teacher, student, split, epochs, lr, batch_size, temperature, alpha, seed):
+def _recover(teacher, student, split, epochs, lr, batch_size, temperature, alpha, seed,
+             accel: TrainDevice):
     cfg = DistillConfig(epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature,
-                        alpha=alpha, seed=seed)
+                        alpha=alpha, seed=seed, **accel.train_kwargs())
     with fit_progress("recovering by distillation") as cb:
         _, result = distill(teacher, student, split, cfg, cb)
     return cfg, result
@@ -108,6 +111,7 @@ def _print_summary(before: dict, swapped: dict, after: dict | None, output: Path
 def register(app: typer.Typer) -> None:
     @command(app, "swap", epilog=EPILOG)
     @model_options
+    @train_options
     def swap_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file to swap.")],
         output: OutOpt,
@@ -147,6 +151,7 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         fmt: FormatOpt = "table",
         load: LoadOptions = None,
+        accel: TrainDevice = None,
     ) -> None:
         """Swap standard convolutions for depthwise-separable ones initialised from the original
         weights (SVD, refitted on --data images), optionally recover by distillation."""
@@ -181,12 +186,12 @@ def register(app: typer.Typer) -> None:
         after = None
         if epochs:
             dcfg, result = _recover(model, swapped, split, epochs, lr, batch_size,
-                                    temperature, alpha, seed)
+                                    temperature, alpha, seed, accel)
             after = numbers(swapped, example, split)
+            notes = [f"best epoch {result.best_epoch} of {epochs}", result.timing_note()]
             meta.history.append(history_entry(
                 "distill", {**config_to_dict(dcfg), "teacher": str(model_path),
-                            "data": split.name}, mid_rec, after,
-                [f"best epoch {result.best_epoch} of {epochs}"]))
+                            "data": split.name}, mid_rec, after, [n for n in notes if n]))
         write_model(swapped, output, meta, force=force, inputs=[model_path])
         if fmt == "json":
             typer.echo(json.dumps({"layers": report.to_dict()["layers"],

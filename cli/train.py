@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..compress.device import TrainDevice
 from ..compress.io import ModelMeta, check_output, history_entry, save_model
 from ..compress.measure import count_macs, count_params
 from ..compress.train import TrainConfig, fit
@@ -22,6 +23,7 @@ from .common import (
     fit_progress,
     open_data,
     stderr_console,
+    train_options,
 )
 from .render import fmt_bytes, fmt_count, safe_markup
 
@@ -35,6 +37,7 @@ def train_registry_model(arch: str, data, cfg: TrainConfig, title: str | None = 
     model = create_model(arch, num_classes=data.num_classes, in_channels=c, input_size=(h, w))
     with fit_progress(title or f"training {arch}") as cb:
         result = fit(model, data, cfg, callbacks=cb)
+    notes = [f"best epoch {result.best_epoch} of {cfg.epochs}", result.timing_note()]
     params = count_params(model)[0]
     macs = count_macs(model, torch.zeros(1, c, h, w))
     spec = arch_spec(arch, num_classes=data.num_classes, in_channels=c, input_size=(h, w))
@@ -44,8 +47,7 @@ def train_registry_model(arch: str, data, cfg: TrainConfig, title: str | None = 
         arch=spec,
         input_shape=data.input_shape,
         class_names=data.class_names,
-        history=[history_entry("train", cfg_dict, {}, after,
-                               [f"best epoch {result.best_epoch} of {cfg.epochs}"])],
+        history=[history_entry("train", cfg_dict, {}, after, [n for n in notes if n])],
     )
     return model, meta, result
 
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
         epilog="Example: torchslim train pd --data digits --image-size 60,120 --epochs 15 "
         "-o pd.pt",
     )
+    @train_options
     def train_cmd(
         arch: Annotated[str, typer.Argument(help="Registry model name (`torchslim models`).")],
         output: OutOpt,
@@ -78,11 +81,13 @@ def register(app: typer.Typer) -> None:
         train_limit: TrainLimitOpt = None,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
+        accel: TrainDevice = None,
     ) -> None:
         """Train a registry model on --data and save it as a torchslim .pt with its history."""
         check_output(output, force=force)
         info = model_info(arch)  # an unknown name fails here, before any data is loaded
-        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=augment)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=augment,
+                          **accel.train_kwargs())
         split = open_data(data, image_size=image_size, channels=channels, seed=seed,
                               train_limit=train_limit)
         if image_size is None and _too_small(split.input_shape, info["min_size"]):

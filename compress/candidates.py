@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 from . import onnx_quant as oq
 from .config import config_to_dict
 from .data import DataSplit, stratified_split
+from .device import TrainDevice
 from .distill import DistillConfig, distill
 from .errors import TorchslimError
 from .io import ModelMeta, history_entry, load_model, save_model
@@ -175,6 +176,7 @@ class Context:
     training: Callable[[str], AbstractContextManager] | None = None
     on_epoch_seconds: Callable[[float], None] | None = None
     check_time: Callable[[], None] = lambda: None  # raises when the time budget is spent
+    device: TrainDevice | None = None  # where the fine-tunes train; measuring stays on CPU
 
 
 class Builder:
@@ -250,7 +252,13 @@ class Builder:
         return meta
 
     def _recipe(self, spec: Spec, exclude: tuple[str, ...] = ()) -> list:
-        return recipe(spec, self.ctx.seed, exclude, self.ctx.qat_epochs, self.ctx.distill_alpha)
+        steps = recipe(spec, self.ctx.seed, exclude, self.ctx.qat_epochs, self.ctx.distill_alpha)
+        if self.ctx.device is None:
+            return steps
+        # the fine-tunes (distill, qat) train where --device says; everything is measured
+        # on the CPU
+        return [dataclasses.replace(c, **self.ctx.device.train_kwargs())
+                if c.method in ("distill", "quantize") else c for c in steps]
 
     def diagnosis(self, spec: Spec):
         """Per-layer int8 error of the trained model (computed once per trained model)."""

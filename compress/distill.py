@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import register_config
+from .device import cpu_state, resolve_device
 from .errors import TorchslimError, UsageError
 from .inputs import call
 from .train import Callbacks, FitResult, TrainConfig, evaluate, fit
@@ -38,7 +39,8 @@ class DistillConfig:
     hflip: bool = False
     matches: tuple[str, ...] = ()  # "teacher.layer:student.layer" pairs for the feature loss
     feature_weight: float = 1.0  # weight of the feature (hint) loss when matches are given
-    device: str = "cpu"
+    device: str = "cpu"  # where it trains (cuda:LOCAL_RANK per process under torchrun)
+    amp: str = "off"  # "bf16": mixed-precision forward passes
 
     def __post_init__(self):
         self.train_config(1)  # TrainConfig validates the shared fields
@@ -58,7 +60,7 @@ class DistillConfig:
             epochs=self.epochs, lr=self.lr, batch_size=self.batch_size // world,
             weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
             hflip=self.hflip, temperature=self.temperature, alpha=self.alpha,
-            device=self.device,
+            device=self.device, amp=self.amp,
         )
 
 
@@ -216,6 +218,9 @@ class Dist:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    # under torchrun, even with one process: a process group (NCCL on CUDA) and DDP, so
+    # `torchrun --nproc-per-node 1` on a one-GPU machine runs the multi-GPU code path
+    launched: bool = False
 
     @property
     def main(self) -> bool:
@@ -224,17 +229,17 @@ class Dist:
 
 def dist_from_env() -> Dist:
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a plain run has none of them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return Dist()
-    return Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0")),
+                int(os.environ.get("LOCAL_RANK", "0")), launched=True)
 
 
 def init_distributed(d: Dist, device: str) -> str:
     """Join the process group (gloo on CPU, nccl on GPU); return this process's device."""
     import torch.distributed as dist
 
-    if d.world <= 1:
+    if not d.launched:
         return device
     if device.startswith("cuda"):
         torch.cuda.set_device(d.local_rank)
@@ -265,7 +270,7 @@ def distill(
     adapters' weights under "adapters". Under torchrun pass ``dist_info=dist_from_env()``.
     """
     d = dist_info or Dist()
-    device = init_distributed(d, cfg.device)
+    device = init_distributed(d, resolve_device(cfg.device))
     tcfg = cfg.train_config(d.world)
     tcfg = TrainConfig(**{**vars(tcfg), "device": device})
     example = data.head(2)
@@ -280,7 +285,7 @@ def distill(
         feature.adapters.load_state_dict(resume["adapters"])
     cb = _with_adapter_state(callbacks, feature)
     start = _start_point(student, data) if resume is None else None
-    model = _wrap_ddp(student, feature, d, device) if d.world > 1 else student.to(device)
+    model = _wrap_ddp(student, feature, d, device) if d.launched else student.to(device)
     sampler = _sampler(data, d, cfg.seed)
     if feature is not None:
         feature.adapters.to(device)
@@ -294,6 +299,7 @@ def distill(
     finally:
         if feature is not None:
             feature.detach()
+            feature.adapters.cpu()
     if start is not None and start[0] > result.best_top1:
         # The student as given competes as "epoch 0": a swapped model that starts at the
         # teacher's accuracy is never made worse by its recovery run.
@@ -325,7 +331,7 @@ def _with_adapter_state(callbacks: Callbacks | None, feature: FeatureLoss | None
     inner = cb.on_checkpoint
 
     def on_checkpoint(state: dict) -> None:
-        inner({**state, "adapters": feature.adapters.state_dict()})
+        inner({**state, "adapters": cpu_state(feature.adapters.state_dict())})
 
     return Callbacks(cb.on_start, cb.on_step, cb.on_epoch, on_checkpoint)
 

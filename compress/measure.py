@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .bounds import check_inputs, check_onnx_run, check_torch
+from .device import off_cpu
 from .errors import TorchslimError
 from .hw import environment
 from .inputs import InputSpec, as_spec, call
@@ -354,11 +355,27 @@ def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def _require_cpu(subject, name: str) -> None:
+    """Latency is timed on the CPU, where these models ship: a module left on a GPU (or
+    any other device) is a caller's bug, said as one, not blamed on the input shape."""
+    model = getattr(subject, "model", None)
+    where = off_cpu(model) if isinstance(model, nn.Module) else None
+    if where is not None:
+        raise TorchslimError(
+            f"model {name} has weights on {where}, but torchslim measures on the CPU; "
+            "move it there first (model.cpu()): training may use a GPU, measuring does not")
+
+
 def _trial(subject, example: tuple, spec: InputSpec, name: str) -> torch.Tensor:
     try:
         with torch.inference_mode():
             out = subject.forward(*example)
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        if "same device" in str(exc) or "device type" in str(exc):
+            raise TorchslimError(
+                f"model {name} computes on a device other than the CPU: {_first_line(exc)}; "
+                "torchslim measures on the CPU, so its forward must not move tensors to a "
+                "GPU") from exc
         raise TorchslimError(
             f"input shape {spec.describe()} does not fit model {name}: {_first_line(exc)}; "
             "state the model's input with --input-shape C,H,W, or --input SHAPE:DTYPE per input "
@@ -417,6 +434,7 @@ def measure(target, *, name: str | None = None, input_shape=None, data=None,
     subject, files, meta_spec = _open(target, threads)
     name = name or subject.default_name
     spec = _resolve_spec(inputs or input_shape, meta_spec, subject, data, name)
+    _require_cpu(subject, name)
     # every step runs on the recorded thread count, accuracy and MAC counting included
     check_inputs(spec, batch_size)
     with _eval_mode(getattr(subject, "model", None)), _torch_threads(threads):

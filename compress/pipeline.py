@@ -8,6 +8,7 @@ own function; nothing here re-implements a method.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from .agreement import fidelity
 from .artifact import write_model
 from .config import config_to_dict
+from .device import TrainDevice
 from .distill import distill
 from .errors import TorchslimError, UsageError
 from .inputs import InputSpec, resolve
@@ -148,11 +150,14 @@ def run_pipeline(
     force: bool = False,
     hooks: Hooks | None = None,
     inputs: InputSpec | None = None,
+    device: TrainDevice | None = None,
 ) -> PipelineResult:
     """Run ``configs`` on ``loaded``; write the final artifact to ``output`` atomically.
 
     ``inputs`` states the model's inputs when neither the file nor the data does. Without
     a quantize step the output may be .pt, .onnx (fp32, self-contained) or .pt2.
+    ``device`` says where the distill steps train (it overrides the recipe's); every step
+    is measured on the CPU.
     """
     hooks = hooks or Hooks()
     warnings = check_plan(configs, has_data=data is not None)
@@ -163,6 +168,7 @@ def run_pipeline(
     if fp32_out is not None:
         check_output(fp32_out, force=force, inputs=[loaded.path])
     run = _Run(loaded, data, threads, min_run_time, hooks, inputs)
+    run.device = device
     try:  # in the output's folder, so the final rename is atomic; removed on any exit
         workdir = tempfile.TemporaryDirectory(prefix=".torchslim-", dir=output.parent)
     except OSError as exc:
@@ -210,6 +216,7 @@ class _Run:
         self.baselines: list[dict[str, Any]] = []
         self.tmp: Path | None = None
         self.last_pt: Path | None = None
+        self.device: TrainDevice | None = None  # where distill steps train
 
     # -- measuring ----------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -267,6 +274,8 @@ class _Run:
         label = cfg.method
         self._say(f"step {i}: {label}")
         before = {k: self.steps[-1].record.get(k) for k in HISTORY_KEYS}
+        if cfg.method in ("distill", "quantize") and self.device is not None:
+            cfg = dataclasses.replace(cfg, **self.device.train_kwargs())  # qat fine-tunes
         if cfg.method == "quantize":
             self._quantize(i, cfg, before)
             return
@@ -319,7 +328,9 @@ class _Run:
         with ctx as callbacks:
             self.model, result = distill(self.teacher, self.model, self.data, cfg, callbacks)
         self.model.eval()
-        return [f"best validation top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}"]
+        notes = [f"best validation top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}",
+                 result.timing_note()]
+        return [n for n in notes if n]
 
     def _quantize(self, i: int, cfg, before: dict) -> None:
         path = self.tmp / f"step{i}-quantize{cfg.suffix}"

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import onnx_quant as oq
 from .config import config_to_dict, register_config
+from .device import check_amp, check_device
 from .errors import TorchslimError, UsageError
 from .inputs import InputSpec, call, resolve
 from .io import LoadedModel, ModelMeta, atomic_write, check_output, history_entry, save_model
@@ -59,8 +60,12 @@ class QuantizeConfig:
     # the logits with nothing after it to average it out: on a distilled Fashion-MNIST
     # student it cost 3.5 points alone, and 0.0 in fp32 (330 weights).
     keep_output_fp32: bool = True
+    device: str = "cpu"  # where the qat fine-tune trains; the int8 model runs on the CPU
+    amp: str = "off"
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        check_amp(self.amp)
         if self.mode not in MODES:
             raise TorchslimError(
                 f"unknown quantize mode {self.mode!r}; choose one of {', '.join(MODES)}"
@@ -317,7 +322,8 @@ def _qat_finetune(module, cfg, data):
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 0.0
-    tcfg = TrainConfig(epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed, augment=False)
+    tcfg = TrainConfig(epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed, augment=False,
+                       device=cfg.device, amp=cfg.amp)
     result = fit(module, data, tcfg)
     for m, mom in zip(norms, momenta, strict=True):
         m.momentum = mom

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .device import (
+    autocast,
+    check_amp,
+    check_device,
+    cpu_state,
+    device_of,
+    out_of_memory,
+    resolve_device,
+)
 from .errors import UsageError
 from .inputs import call
 
@@ -31,9 +42,12 @@ class TrainConfig:
     hflip: bool = False  # random mirror flips; off: PD images are not mirror-invariant
     temperature: float = 4.0  # KD temperature, used only when a teacher is given
     alpha: float = 0.7  # weight of the soft (teacher) loss vs the hard label loss
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto; the trained model comes back on the CPU
+    amp: str = "off"  # "bf16": torch.autocast on the forward passes (fp32 weights and steps)
 
     def __post_init__(self):
+        check_device(self.device)
+        check_amp(self.amp)
         if self.epochs < 0:
             raise UsageError(f"--epochs must be >= 0, got {self.epochs}")
         if self.lr <= 0:
@@ -54,6 +68,7 @@ class EpochStats:
     val_top5: float | None
     lr: float
     val_loss: float = float("nan")  # cross-entropy on validation: breaks top-1 ties
+    seconds: float = float("nan")  # wall time of the epoch's training steps and validation
 
 
 @dataclass
@@ -62,6 +77,15 @@ class FitResult:
     best_epoch: int
     best_loss: float = float("inf")
     epochs: list[EpochStats] = field(default_factory=list)
+    device: str = "cpu"  # where it trained (``auto`` resolved)
+
+    def timing_note(self) -> str | None:
+        """"trained on cuda: 1.23 s per epoch (median of 5)" for a model's history."""
+        secs = [e.seconds for e in self.epochs if not math.isnan(e.seconds)]
+        if not secs:
+            return None
+        return (f"trained on {self.device}: {statistics.median(secs):.2f} s per epoch "
+                f"(median of {len(secs)})")
 
 
 @dataclass
@@ -100,7 +124,9 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, max_shift: float = 0.1)
     cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, None, :]
     bidx = torch.arange(b)[:, None, None, None]
     cidx = torch.arange(x.shape[1])[None, :, None, None]
-    return padded[bidx, cidx, rows, cols]
+    # the offsets come from the CPU generator, so a GPU run shifts exactly like a CPU run
+    idx = [t.to(x.device) for t in (bidx, cidx, rows, cols)]
+    return padded[idx[0], idx[1], idx[2], idx[3]]
 
 
 def evaluate(model_or_fn, dataset: TensorDataset, batch_size: int = 256):
@@ -116,9 +142,11 @@ def scores(model_or_fn, dataset: TensorDataset, batch_size: int = 256):
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     num_classes = None
-    device = _device_of(model_or_fn)
-    for *xs, y in DataLoader(dataset, batch_size=batch_size):
-        logits = torch.as_tensor(call(model_or_fn, [x.to(device) for x in xs])).float().cpu()
+    device = device_of(model_or_fn)
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    for *xs, y in loader:
+        xs = [x.to(device, non_blocking=True) for x in xs]
+        logits = torch.as_tensor(call(model_or_fn, xs)).float().cpu()
         num_classes = logits.shape[1]
         k = min(5, num_classes)
         top = logits.topk(k, dim=1).indices
@@ -154,7 +182,23 @@ def fit(
     its epoch exactly as if it had not stopped.
     """
     cb = callbacks or Callbacks()
-    device = torch.device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
+    teacher_home = device_of(teacher) if teacher is not None else None
+    try:
+        return _fit(model, data, cfg, device, teacher, extra_loss, extra_params, cb, sampler,
+                    resume)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(device, cfg.batch_size) from exc
+    finally:
+        # Measuring, exporting and saving happen on the CPU: whatever happened, the model
+        # (and the teacher, which is often measured next) go back there.
+        _unwrap(model).cpu().eval()
+        if teacher is not None:
+            teacher.to(teacher_home).eval()
+
+
+def _fit(model, data, cfg: TrainConfig, device, teacher, extra_loss, extra_params, cb,
+         sampler, resume) -> FitResult:
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -167,6 +211,7 @@ def fit(
         sampler=sampler,
         generator=gen,
         drop_last=len(data.train) > cfg.batch_size,
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
     )
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -174,7 +219,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
-    best = FitResult(best_top1=-1.0, best_epoch=0)
+    best = FitResult(best_top1=-1.0, best_epoch=0, device=str(device))
     best_state = copy.deepcopy(model.state_dict())
     start = 1
     if resume is not None:
@@ -185,9 +230,11 @@ def fit(
     for epoch in range(start, cfg.epochs + 1):
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        began = time.perf_counter()
         loss = _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, epoch)
         top1, top5, val_loss = scores(model, data.val)
-        stats = EpochStats(epoch, loss, top1, top5, sched.get_last_lr()[0], val_loss)
+        stats = EpochStats(epoch, loss, top1, top5, sched.get_last_lr()[0], val_loss,
+                           time.perf_counter() - began)
         best.epochs.append(stats)
         # Best top-1; a tie goes to the lower validation loss. A few hundred validation
         # images tie often, and keeping the first of equals shipped under-trained weights
@@ -197,19 +244,13 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         if cb.on_epoch:
             cb.on_epoch(stats)
-        if cb.on_checkpoint:
-            cb.on_checkpoint(_checkpoint(epoch, model, opt, sched, gen, best, best_state))
+        if cb.on_checkpoint:  # on the CPU: a run on a GPU resumes on a machine without one
+            cb.on_checkpoint(cpu_state(_checkpoint(epoch, model, opt, sched, gen, best,
+                                                   best_state)))
     model.load_state_dict(best_state)
     if cfg.epochs == 0:
         best.best_top1 = evaluate(model, data.val)[0]
     return best
-
-
-def _device_of(model_or_fn) -> torch.device:
-    if isinstance(model_or_fn, nn.Module):
-        for p in model_or_fn.parameters():
-            return p.device
-    return torch.device("cpu")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -255,27 +296,29 @@ def _augmented(xs: list[torch.Tensor], cfg: TrainConfig, gen: torch.Generator):
         return xs
     x = augment_batch(xs[0], gen)
     if cfg.hflip:
-        flip = torch.rand(len(x), generator=gen) < 0.5
+        flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return [x]
 
 
 def _train_epoch(model, loader, opt, sched, cfg, teacher, extra_loss, gen, cb, epoch) -> float:
     model.train()
-    device = torch.device(cfg.device)
+    device = device_of(_unwrap(model))
     running, seen = 0.0, 0
     for step, (*xs, y) in enumerate(loader, 1):
-        xs = [x.to(device) for x in _augmented(xs, cfg, gen)]
-        y = y.to(device)
-        logits = call(model, xs)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = call(teacher, xs)
-            loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
-        else:
-            loss = F.cross_entropy(logits, y)
-        if extra_loss is not None:
-            loss = loss + extra_loss(xs, logits)
+        # to the device first (asynchronous from pinned memory), then shifted there
+        xs = _augmented([x.to(device, non_blocking=True) for x in xs], cfg, gen)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = call(model, xs)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = call(teacher, xs)
+                loss = kd_loss(logits.float(), t_logits.float(), y, cfg.temperature, cfg.alpha)
+            else:
+                loss = F.cross_entropy(logits.float(), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss(xs, logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
