@@ -195,8 +195,9 @@ def test_a_candidate_that_raises_is_recorded_and_skipped(trained_tiny, split, tm
     result = search(cfg, ctx, base)
     assert result.stopped is None
     failed = {r["key"]: r["failed"] for r in result.failed}
-    assert failed == {"none-p0.20-e1-fp16": "RuntimeError: CUDA out of memory (simulated)"}
-    assert calls.count("none-p0.20-e1") == 1  # fp16 of the same model is not retried
+    oom = "RuntimeError: CUDA out of memory (simulated)"  # its first line
+    assert failed == {"none-p0.20-e1-fp16": oom, "none-p0.20-e1-fp32": oom}
+    assert calls.count("none-p0.20-e1") == 1  # fp32 of the same model is not retrained
     # the search went on: the level above was ranked and the answer comes from elsewhere
     assert "none-p0.40-e1-fp16" in [r["key"] for r in result.records]
     assert result.chosen is not None and "failed" not in result.chosen
