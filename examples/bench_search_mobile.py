@@ -5,7 +5,7 @@ inverted residuals with squeeze-excitation, MBConv, grouped bottlenecks; not tor
 classes), built with random weights, trained briefly on the search's training split of
 digits at 16x16, saved with ``torch.save(model)``, then compressed with
 
-    torchslim compress NAME.pt --trust --code-path tests/zoo --data digits --image-size 16 \\
+    torchslim compress NAME.pt --trust --code-path tests/zoo --data digits --image-size 16,16 \\
         --max-acc-drop 1 --objective size --time-budget 3m -o NAME-slim.onnx
 
 Most of their convolutions are 1x1 or depthwise: the search finds what applies before it
@@ -66,7 +66,7 @@ def run(name: str, folder: Path, data, budget: str, epochs: int) -> dict:
     torch.save(model, src)
     out = folder / f"{name}-slim.onnx"
     cmd = [sys.executable, "-m", "torchslim", "compress", str(src), "--trust", "--code-path",
-           str(ZOO), "--data", "digits", "--image-size", "16", "--max-acc-drop", "1",
+           str(ZOO), "--data", "digits", "--image-size", "16,16", "--max-acc-drop", "1",
            "--objective", "size", "--time-budget", budget, "-o", str(out),
            "--workdir", str(folder / f"wd-{name}")]
     start = time.perf_counter()
