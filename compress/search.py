@@ -379,11 +379,11 @@ def search(cfg: SearchConfig, ctx: Context, baseline: dict, *, on_record=None,
     measured so far are concluded; an interruption is handed back in ``interrupted``."""
     check_workdir(ctx.workdir, fingerprint(cfg, ctx))
     s = Session(cfg, ctx, baseline, on_record)
-    left = None
+    # a bad option (a precision the output cannot hold) is a usage error, not a search
+    # that stopped
+    left = None if space is not None else search_space(s, on_note or (lambda _t: None))
     stopped, interrupted = None, None
     try:
-        if space is None:
-            left = search_space(s, on_note or (lambda _t: None))
         _run(s, space, left)
     except Stop as exc:
         stopped = str(exc)
