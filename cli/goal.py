@@ -11,7 +11,8 @@ import copy
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import typer
@@ -163,16 +164,14 @@ def _search_and_write(o, cfg, loaded, teacher, split, workdir: Path, space) -> N
         base = baseline_record(loaded, ctx)
     live = _LiveTable(base, cfg)
     stderr_console.print(f"[bold]goal:[/] {cfg.describe_goal()}")
-    try:
-        with live.live:
-            result = search(cfg, ctx, base, on_record=live.add, space=space)
-    except KeyboardInterrupt:
+    with live.shown():
+        result = search(cfg, ctx, base, on_record=live.add, space=space, on_note=live.note)
+    result.seconds = time.perf_counter() - t0
+    if result.interrupted is not None:
         where = (f"kept in {o['workdir']}; rerun the same command to resume" if o["workdir"]
                  else "lost: pass --workdir DIR to be able to resume")
-        stderr_console.print(f"[bold red]interrupted:[/] the candidates measured so far are "
-                             f"{where}")
-        raise typer.Exit(130) from None
-    result.seconds = time.perf_counter() - t0
+        stderr_console.print(f"[bold red]interrupted:[/] writing what was found; the "
+                             f"candidates measured so far are {where}", highlight=False)
     json_path, png_path = pareto_paths(o["output"])
     pareto.write_json(result.to_dict(cfg), json_path, force=o["force"])
     pareto.write_png(result, png_path, force=o["force"])
@@ -186,9 +185,12 @@ def _search_and_write(o, cfg, loaded, teacher, split, workdir: Path, space) -> N
             _dump(result.chosen, o["dump_recipe_to"], o["force"])
             written.append(o["dump_recipe_to"])
     stderr_console.print("wrote " + ", ".join(safe_markup(p) for p in written))
+    # the exit status says whether the goal was met, whatever ended the search; an
+    # interrupted search that met nothing keeps the signal's status
     if result.status != "met":
         stderr_console.print(f"[bold red]error:[/] {safe_markup(result.message)}", highlight=False)
-        raise typer.Exit(1)
+        signum = getattr(result.interrupted, "signum", 2) if result.interrupted else None
+        raise typer.Exit(128 + signum if signum else 1)
 
 
 def _dump(rec: dict, path: Path, force: bool) -> None:
@@ -223,6 +225,21 @@ class _LiveTable:
     def add(self, rec: dict, resumed: bool) -> None:
         self.rows.append((rec, resumed))
         self.live.update(self._table(), refresh=True)
+        if "failed" in rec and not resumed:
+            stderr_console.print(f"[yellow]{rec['label']} failed, skipped:[/] "
+                                 f"{rec['failed']}", highlight=False)
+
+    def note(self, text: str) -> None:
+        stderr_console.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    @contextmanager
+    def shown(self) -> Iterator[None]:
+        try:
+            with self.live:
+                yield
+        finally:
+            if not stderr_console.is_terminal:  # rich ends a piped Live mid-line: the next
+                stderr_console.line()  # message would be glued to the table's border
 
     def _table(self) -> Table:
         t = Table(title="torchslim search: candidates (validation chooses)",
@@ -231,6 +248,9 @@ class _LiveTable:
             t.add_column(col, justify="left" if col == "candidate" else "right")
         t.add_row(*self._cells(self.base), "", "", style="dim")
         for rec, resumed in self.rows:
+            if "failed" in rec:
+                t.add_row(rec["label"], *["-"] * 5, "failed", "", style="dim")
+                continue
             ok = "✓" if feasible(rec, self.base, self.cfg) else "✗"
             ok += "" if finished(rec) else " rank"  # ranks pruning levels, never chosen
             t.add_row(*self._cells(rec), ok, "resumed" if resumed else f"{rec['seconds']:.0f}")
@@ -262,9 +282,12 @@ def _show(result, cfg: SearchConfig) -> None:
                   style="bold" if chosen else None)
     out.print(t)
     show_diagnosis((result.chosen or {}).get("int8_diagnosis"))
-    n = len(result.records)
+    n, failed = len(result.records), len(result.failed)
     stop = f"; stopped early: {result.stopped}" if result.stopped else ""
-    out.print(f"{n} candidates, {result.seconds / 60:.1f} min{stop}")
+    fails = f" ({failed} failed and skipped)" if failed else ""
+    out.print(f"{n} candidates{fails}, {result.seconds / 60:.1f} min{stop}", highlight=False)
+    for note in (result.space or {}).get("notes", []):
+        out.print(f"left out: {note}", highlight=False)
     out.print(("[green]goal met:[/] " if result.status == "met" else "[red]goal not met:[/] ")
               + result.message, highlight=False)
 

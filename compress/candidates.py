@@ -46,6 +46,10 @@ PRECISIONS_FOR = {".onnx": ("fp32", "int8", "int8-mixed", "qat"), ".pt": ("fp32"
 SOFT_ACTS = (nn.SiLU, nn.Sigmoid, nn.GELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid)
 
 
+class Stop(Exception):
+    """The time budget or the trial count is spent: stop searching, keep what was found."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """One point of the search space."""
@@ -187,6 +191,7 @@ class Builder:
         self.parents: dict[str, nn.Module] = {}
         self.trained: dict[str, nn.Module] = {}
         self.diagnoses: dict[str, object] = {}
+        self.failures: dict[str, TorchslimError] = {}
         for sub in ("models", "artifacts"):
             (ctx.workdir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -199,7 +204,8 @@ class Builder:
                 self.ctx.say(f"swapping ({swap}), shared by every pruning level")
                 cfg = recipe(Spec(swap=swap))[0]
                 example = self.ctx.data.head(256)
-                self.parents[swap], _ = swap_model(self.ctx.teacher, cfg, example)
+                self.parents[swap] = self._once(
+                    f"swap:{swap}", lambda: swap_model(self.ctx.teacher, cfg, example)[0])
         return self.parents[swap]
 
     def fp32_model(self, spec: Spec) -> nn.Module:
@@ -212,9 +218,25 @@ class Builder:
             # a model the user trusted
             model = load_model(path, trust=self.ctx.trust).model.eval()
         else:
-            model = self._train(spec, path)
+            model = self._once(key, lambda: self._train(spec, path))
         self.trained[key] = model
         return model
+
+    def _once(self, key: str, make: Callable[[], nn.Module]) -> nn.Module:
+        """``make()``, remembering a failure: the precisions tried on a model that could
+        not be built fail at once with the same reason instead of building it again."""
+        if key in self.failures:
+            raise self.failures[key]
+        try:
+            return make()
+        except Stop:  # the budget, not the model: the next run builds it
+            raise
+        except TorchslimError as exc:
+            self.failures[key] = exc
+            raise
+        except Exception as exc:  # swap/prune/train raise many types; the reason matters
+            self.failures[key] = TorchslimError(f"{type(exc).__name__}: {exc}")
+            raise self.failures[key] from exc
 
     def _train(self, spec: Spec, path: Path) -> nn.Module:
         model = self.parent(spec.swap)
@@ -352,7 +374,8 @@ def _with_time_check(callbacks, check: Callable[[], None]):
 
 def read_records(path: Path) -> dict[str, dict]:
     """Candidates measured by an earlier run (one JSON object per line, artifacts relative
-    to the work folder; a line cut short by an interruption is ignored)."""
+    to the work folder; a line cut short by an interruption is ignored). A candidate that
+    failed is kept too: a rerun does not try it again."""
     out: dict[str, dict] = {}
     if not path.exists():
         return out
@@ -362,7 +385,7 @@ def read_records(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             continue
         artifact = path.parent / str(rec.get("artifact", "")) if isinstance(rec, dict) else None
-        if artifact is not None and "key" in rec and artifact.is_file():
+        if artifact is not None and "key" in rec and (rec.get("failed") or artifact.is_file()):
             out[rec["key"]] = rec
     return out
 

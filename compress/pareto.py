@@ -21,7 +21,7 @@ def write_png(result, path: Path, *, force: bool = False) -> Path:
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    recs, base = result.records, result.baseline
+    recs, base = [r for r in result.records if "failed" not in r], result.baseline
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     for ax, metric, front_key, xlabel in (
         (axes[0], "file_bytes", "size", "file size (KB, log scale)"),

@@ -34,6 +34,7 @@ from .candidates import (
     Builder,
     Context,
     Spec,
+    Stop,
     append_record,
     read_records,
 )
@@ -48,6 +49,7 @@ RECORDS = "candidates.jsonl"
 # candidates this close to the fastest are tied on latency, and the more accurate wins.
 LATENCY_NOISE = 0.10
 FINGERPRINT = "search.json"
+SPACE = "space.json"  # what the search tries on this model and what it left out
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,11 @@ def parse_duration(text: str) -> float:
 # --- the goal -----------------------------------------------------------------------------
 
 
+def measured(rec: dict) -> bool:
+    """Whether the candidate was built and measured (not one that failed)."""
+    return "failed" not in rec
+
+
 def drop(rec: dict, base: dict, split: str = "val") -> float:
     return base[f"{split}_accuracy"] - rec[f"{split}_accuracy"]
 
@@ -167,7 +174,8 @@ def meets_target(rec: dict, base: dict, cfg: SearchConfig) -> bool:
 
 def feasible(rec: dict, base: dict, cfg: SearchConfig, split: str = "val") -> bool:
     # 1e-9: a candidate exactly at the guard (same images right) is within it
-    return drop(rec, base, split) <= cfg.max_acc_drop + 1e-9 and meets_target(rec, base, cfg)
+    return measured(rec) and drop(rec, base, split) <= cfg.max_acc_drop + 1e-9 and \
+        meets_target(rec, base, cfg)
 
 
 def finished(rec: dict) -> bool:
@@ -197,6 +205,7 @@ def choose(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
 
 def closest(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
     """For a goal not met: the candidate nearest to it (meeting the target when possible)."""
+    records = [r for r in records if measured(r)]
     done = [r for r in records if finished(r)] or records
     pool = [r for r in done if meets_target(r, base, cfg)] or done
     return max(pool, key=lambda r: r["val_accuracy"]) if pool else None
@@ -204,7 +213,7 @@ def closest(records: list[dict], base: dict, cfg: SearchConfig) -> dict | None:
 
 def front(records: list[dict], metric: str) -> list[dict]:
     """Non-dominated candidates for (validation accuracy up, ``metric`` down)."""
-    ranked = sorted((r for r in records if r.get(metric) is not None),
+    ranked = sorted((r for r in records if measured(r) and r.get(metric) is not None),
                     key=lambda r: (r[metric], -r["val_accuracy"]))
     out, best = [], float("-inf")
     for r in ranked:
@@ -217,10 +226,6 @@ def front(records: list[dict], metric: str) -> list[dict]:
 # --- one run --------------------------------------------------------------------------------
 
 
-class Stop(Exception):
-    """The time budget or the trial count is spent: stop searching, keep what was found."""
-
-
 @dataclass
 class SearchResult:
     baseline: dict
@@ -231,11 +236,20 @@ class SearchResult:
     stopped: str | None = None  # why the search ended early, if it did
     seconds: float = 0.0
     fronts: dict[str, list[str]] = field(default_factory=dict)  # metric -> candidate keys
+    space: dict | None = None  # what the search tried, and what it left out and why
+    interrupted: KeyboardInterrupt | None = None  # Ctrl-C / SIGTERM: re-raised once written
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if not measured(r)]
 
     def to_dict(self, cfg: SearchConfig) -> dict:
         return {"format": "torchslim-search/1", "config": dataclasses.asdict(cfg),
                 "goal": cfg.describe_goal(), "status": self.status, "message": self.message,
                 "stopped": self.stopped, "seconds": round(self.seconds, 1),
+                "space": self.space,
+                "left_out": (self.space or {}).get("notes", []),
+                "failed": {r["key"]: r["failed"] for r in self.failed},
                 "baseline": self.baseline,
                 "chosen": self.chosen["key"] if self.chosen else None,
                 "fronts": self.fronts, "candidates": self.records}
@@ -299,9 +313,14 @@ class Session:
         extra = self.cfg.qat_epochs if spec.precision == "qat" else 0
         self.affordable((spec.epochs if untrained and spec.changes_architecture else 0) + extra)
         t0 = time.perf_counter()
-        path, configs, extra = self.builder.build(spec)
-        rec = {**self.builder.measure(spec, path, configs), **extra}
-        rec["artifact"] = str(path.relative_to(self.ctx.workdir))
+        try:
+            path, configs, extra = self.builder.build(spec)
+            rec = {**self.builder.measure(spec, path, configs), **extra}
+            rec["artifact"] = str(path.relative_to(self.ctx.workdir))
+        except Stop:
+            raise
+        except Exception as exc:  # one candidate's failure never ends the search
+            rec = failed_record(spec, exc)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         rec["stage"] = stage
         append_record(self.path, rec)
@@ -312,7 +331,18 @@ class Session:
         return rec
 
     def ok(self, rec: dict, slack: float = 0.0) -> bool:
-        return drop(rec, self.baseline) <= self.cfg.max_acc_drop + slack + 1e-9
+        return measured(rec) and drop(rec, self.baseline) <= self.cfg.max_acc_drop + slack + 1e-9
+
+
+def failed_record(spec: Spec, exc: BaseException) -> dict:
+    """A candidate that could not be built or measured, with its one-line reason."""
+    from .space import _reason
+
+    reason = _reason(exc)
+    if not isinstance(exc, TorchslimError):
+        reason = f"{type(exc).__name__}: {reason}"
+    return {"key": spec.key, "label": spec.label(), "spec": dataclasses.asdict(spec),
+            "failed": reason}
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -341,28 +371,60 @@ def precisions_for(cfg: SearchConfig, suffix: str) -> tuple[str, ...]:
 
 
 def search(cfg: SearchConfig, ctx: Context, baseline: dict, *, on_record=None,
-           space: tuple | None = None) -> SearchResult:
+           space: tuple | None = None, on_note=None) -> SearchResult:
     """Run the search (or, with ``space`` = ((Spec, ...)), measure exactly those specs),
-    then choose on validation and check the goal on test."""
+    then choose on validation and check the goal on test.
+
+    Whatever ends it (the budget, a failure outside one candidate, Ctrl-C), the candidates
+    measured so far are concluded; an interruption is handed back in ``interrupted``."""
     check_workdir(ctx.workdir, fingerprint(cfg, ctx))
     s = Session(cfg, ctx, baseline, on_record)
-    swaps, precisions = swaps_for(cfg, ctx.teacher), precisions_for(cfg, ctx.suffix)
-    stopped = None
+    # a bad option (a precision the output cannot hold) is a usage error, not a search
+    # that stopped
+    left = None if space is not None else search_space(s, on_note or (lambda _t: None))
+    stopped, interrupted = None, None
     try:
-        if space is not None:
-            for spec in space:
-                s.evaluate(spec)
-        else:
-            from .strategies import optuna_search, staged
-
-            run = optuna_search if cfg.strategy == "optuna" else staged
-            run(s, swaps, precisions)
+        _run(s, space, left)
     except Stop as exc:
         stopped = str(exc)
+    except KeyboardInterrupt as exc:  # signals_raise's Interrupted is one
+        stopped, interrupted = "interrupted", exc
+    except Exception as exc:  # the search's own failure: keep what it measured
+        from .space import _reason
+
+        stopped = f"stopped by an error: {type(exc).__name__}: {_reason(exc)}"
     result = conclude(s.records, baseline, cfg, stopped, s.elapsed())
-    if stopped is None or "time budget" not in stopped:  # the budget is spent: no extra work
+    result.space, result.interrupted = left.to_dict() if left else None, interrupted
+    if stopped is None or stopped.endswith("trials measured"):  # else: no extra work
         _diagnose_chosen(s, result.chosen)
     return result
+
+
+def _run(s: Session, space: tuple | None, left) -> None:
+    if space is not None:
+        for spec in space:
+            s.evaluate(spec)
+        return
+    from .strategies import optuna_search, staged
+
+    run = optuna_search if s.cfg.strategy == "optuna" else staged
+    run(s, left.swaps, left.precisions)
+
+
+def search_space(s: Session, say: Callable[[str], None]):
+    """The space that applies to this model (space.py); what it leaves out is said, kept
+    in the work folder and, through the result, in .pareto.json."""
+    from .space import applicable
+
+    cfg = s.cfg
+    left = applicable(s.ctx, swaps_for(cfg, s.ctx.teacher), cfg.max_prune,
+                      cfg.grid()[1] if len(cfg.grid()) > 1 else 0.0,
+                      precisions_for(cfg, s.ctx.suffix))
+    for note in left.notes:
+        say(note)
+    s.cfg = replace(cfg, max_prune=left.max_prune)
+    (s.ctx.workdir / SPACE).write_text(json.dumps(left.to_dict(), indent=2))
+    return left
 
 
 def _diagnose_chosen(s: Session, rec: dict | None) -> None:

@@ -34,7 +34,10 @@ def staged(s: Session, swaps, precisions) -> None:
 
     def proxy(swap: str, r: float) -> float:
         if (swap, r) not in proxies:
-            proxies[swap, r] = _proxy(s, swap, r)
+            try:
+                proxies[swap, r] = _proxy(s, swap, r)
+            except Exception:  # its candidates failed (and say why): order it last
+                proxies[swap, r] = float("inf")
         return proxies[swap, r]
 
     rank_prec = "int8" if "int8" in precisions else precisions[-1]
@@ -159,4 +162,7 @@ def optuna_search(s: Session, swaps, precisions) -> None:
         except Stop:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        study.tell(trial, [rec["val_accuracy"], float(rec[key] or 0)])
+        if "failed" in rec:  # recorded; TPE learns to avoid the region
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, [rec["val_accuracy"], float(rec[key] or 0)])
