@@ -227,10 +227,10 @@ class _LiveTable:
         self.live.update(self._table(), refresh=True)
         if "failed" in rec and not resumed:
             stderr_console.print(f"[yellow]{rec['label']} failed, skipped:[/] "
-                                 f"{rec['failed']}", highlight=False)
+                                 f"{safe_markup(rec['failed'])}", highlight=False)
 
     def note(self, text: str) -> None:
-        stderr_console.print(f"[yellow]note:[/] {text}", highlight=False)
+        stderr_console.print(f"[yellow]note:[/] {safe_markup(text)}", highlight=False)
 
     @contextmanager
     def shown(self) -> Iterator[None]:
